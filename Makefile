@@ -1,0 +1,69 @@
+# Two commands for a new machine with nothing but Python: `make demo` and `make test`.
+# Each creates its virtual environments when missing and installs what it needs.
+
+PYTHON ?= python3.11
+TORCH_VERSION ?= 2.13.0
+# Python 3.12 runs the torch-free leg (newest JAX, NumPyro and ArviZ 1.x).
+PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo $$p; break; }; done)
+VENV := .venv
+VENV312 := .venv312
+PYTEST_ARGS ?= -n 2
+# One thread per test worker: the suite runs two workers on two cores.
+export OMP_NUM_THREADS := 1
+export MKL_NUM_THREADS := 1
+export XLA_FLAGS := --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
+export JAX_PLATFORMS := cpu
+
+.PHONY: all venv venv312 demo test test-311 test-312 test-slow lint benchmarks clean
+
+all: test
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --upgrade pip setuptools wheel
+	# The CPU build of torch first, so nothing later pulls a multi-GB GPU build.
+	$(VENV)/bin/python -m pip install "torch==$(TORCH_VERSION)"
+	$(VENV)/bin/python -m pip install -e ".[all,test]"
+	touch $@
+
+$(VENV312)/.installed: setup.cfg pyproject.toml
+	$(PYTHON312) -m venv $(VENV312)
+	$(VENV312)/bin/python -m pip install --upgrade pip setuptools wheel
+	$(VENV312)/bin/python -m pip install -e ".[numpyro,arviz,test]" "arviz>=1"
+	touch $@
+
+venv: $(VENV)/.installed
+
+venv312:
+	@if [ -n "$(PYTHON312)" ]; then $(MAKE) $(VENV312)/.installed; \
+	else echo "Python 3.12 not found: the NumPyro / ArviZ 1.x leg cannot run (set PYTHON312=...)."; fi
+
+demo: venv
+	$(VENV)/bin/python -m mixvi.demo
+
+# Python 3.11: Pyro backend, shared numpy code, ArviZ 0.x, and the cross-backend parity checks.
+test-311: venv
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow" tests/common tests/pyro tests/test_parity.py
+
+# Python 3.12, no torch: NumPyro backend and ArviZ 1.x.
+test-312: venv312
+	@if [ -n "$(PYTHON312)" ]; then \
+		$(VENV312)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow" tests/common tests/numpyro; \
+	else echo "SKIPPED the Python 3.12 leg: no python3.12 on this machine; NumPyro runs in the 3.11 leg only."; \
+		$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m "not slow" tests/numpyro; fi
+
+test: test-311 test-312
+
+test-slow: venv venv312
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS) -m slow tests/common tests/pyro
+	$(VENV312)/bin/python -m pytest $(PYTEST_ARGS) -m slow tests/common tests/numpyro
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+benchmarks: venv
+	$(VENV)/bin/python -m benchmarks --help
+
+clean:
+	rm -rf $(VENV) $(VENV312) *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Multimodal VAEs with joint normalizing flows (JNF, JNFShared); floor 2."""

@@ -1,0 +1,1 @@
+"""Standalone densities over R^D (ClassifierWeightedMixture, FlowMixture); floor 2."""

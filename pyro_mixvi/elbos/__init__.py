@@ -1,0 +1,1 @@
+"""ELBO estimators that talk to guides through the protocol in ``guides/base.py``; floor 4."""

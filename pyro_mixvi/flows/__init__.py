@@ -1,0 +1,1 @@
+"""Invertible transforms and flows (MAF, RealNVP, RBIG, conditional flows); floor 1."""

@@ -1,0 +1,1 @@
+"""Autoguides over the model's flat unconstrained latent vector; floor 3."""
