@@ -40,7 +40,7 @@ venv312:
 	else echo "Python 3.12 not found: the NumPyro / ArviZ 1.x leg cannot run (set PYTHON312=...)."; fi
 
 demo: venv
-	$(VENV)/bin/python -m mixvi.demo
+	$(VENV)/bin/python tutorials/demo.py
 
 # Python 3.11: Pyro backend, shared numpy code, ArviZ 0.x, and the cross-backend parity checks.
 test-311: venv
