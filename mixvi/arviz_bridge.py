@@ -61,7 +61,8 @@ def from_draws(
         dims, coords: Passed to ``az.from_dict``.
 
     Returns:
-        ``InferenceData`` on ArviZ 0.x, ``xarray.DataTree`` on ArviZ 1.x, with ``(chain=1, draw=S)``.
+        ``InferenceData`` on ArviZ 0.x, ``xarray.DataTree`` on ArviZ 1.x; draws are laid out
+        as ``(chain=1, draw=S)``.
     """
     az = _import_arviz()
     sample_stats = {}

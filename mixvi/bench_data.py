@@ -96,7 +96,7 @@ WAVEFORM_LOG_EVIDENCE = -150.39
 
 
 def load_euler_image(root: str | os.PathLike | None = None) -> np.ndarray:
-    """The CWM density-experiment image as a grayscale float array in ``[0, 1]``, shape ``(H, W)``."""
+    """The CWM density-experiment image, grayscale floats in ``[0, 1]`` of shape ``(H, W)``."""
     from PIL import Image
 
     path = bench_data_dir(root) / "euler" / "euler.jpg"

@@ -13,7 +13,7 @@ from scipy import stats
 
 
 def grid_2d(bounds: tuple[float, float, float, float], num: int = 300):
-    """Cell centres ``(num*num, 2)`` of a regular grid over ``(x0, x1, y0, y1)`` and the cell area."""
+    """Cell centres ``(num*num, 2)`` of a grid over ``(x0, x1, y0, y1)``, and the cell area."""
     x0, x1, y0, y1 = bounds
     xs = x0 + (np.arange(num) + 0.5) * (x1 - x0) / num
     ys = y0 + (np.arange(num) + 0.5) * (y1 - y0) / num
@@ -57,7 +57,9 @@ def assert_samples_match_density_2d(
     cell_mass = density.reshape(bins, 20, bins, 20).sum((1, 3))
     expected = cell_mass.ravel() / cell_mass.sum() * len(samples)
     x0, x1, y0, y1 = bounds
-    inside = (samples[:, 0] > x0) & (samples[:, 0] < x1) & (samples[:, 1] > y0) & (samples[:, 1] < y1)
+    inside = (
+        (samples[:, 0] > x0) & (samples[:, 0] < x1) & (samples[:, 1] > y0) & (samples[:, 1] < y1)
+    )
     ix = np.floor((samples[inside, 0] - x0) / (x1 - x0) * bins).astype(int)
     iy = np.floor((samples[inside, 1] - y0) / (y1 - y0) * bins).astype(int)
     observed = np.bincount(ix * bins + iy, minlength=bins * bins).astype(float)
@@ -74,7 +76,8 @@ def assert_samples_match_density_2d(
 def assert_close_in_mc_error(
     estimates: np.ndarray, target: float | np.ndarray, *, num_sd: float = 4.0
 ) -> None:
-    """The mean of i.i.d. ``estimates`` (first axis) is within ``num_sd`` standard errors of ``target``."""
+    """The mean of i.i.d. ``estimates`` (first axis) is within ``num_sd`` standard errors of
+    ``target``."""
     estimates = np.asarray(estimates, dtype=np.float64)
     mean = estimates.mean(0)
     stderr = estimates.std(0, ddof=1) / np.sqrt(len(estimates))
