@@ -1,0 +1,95 @@
+r"""RBMixture_ELBO: the ELBO with the mixture component index summed out (Rao-Blackwellized)."""
+
+from __future__ import annotations
+
+import torch
+from pyro.infer import ELBO
+
+from pyro_mixvi.guides.base import posterior_of, unconstrained_log_joint
+
+__all__ = ["RBMixture_ELBO", "rb_mixture_elbo"]
+
+
+def rb_mixture_elbo(
+    log_p: torch.Tensor, log_q: torch.Tensor, log_weights: torch.Tensor
+) -> torch.Tensor:
+    r"""Per-particle Rao-Blackwellized ELBO terms ``sum_k w_k (log p - log q)(x_k)``.
+
+    Shapes:
+        All inputs ``(N, K)``; returns ``(N,)``. Its mean over particles is an unbiased estimate
+        of the ELBO, and its gradient of the ELBO's gradient, when ``x_k`` and ``log_weights``
+        come from a finite mixture's ``rsample_components``.
+    """
+    return (log_weights.exp() * (log_p - log_q)).sum(-1)
+
+
+class RBMixture_ELBO(ELBO):  # noqa: N801 (Pyro's ELBO spelling)
+    r"""ELBO of a finite-mixture guide with the component index summed out.
+
+    .. math:: \mathrm{ELBO} = E_{z}\Big[\sum_k w_k(z)\,
+              \big(\log p - \log q\big)\big(T_k^{-1}(z)\big)\Big]
+
+    For each of ``num_particles`` draws the guide's posterior returns all ``K`` candidate points
+    and their weights (``rsample_components``, see :mod:`pyro_mixvi.guides.base`); the model is
+    evaluated at all ``N * K`` points in one vectorized run inside a plate left of the model's
+    plates, so observed sites, ``pyro.factor`` and subsample scaling are respected. The
+    estimator is differentiable in every guide parameter, including the classifier, and
+    unbiased for the ELBO and its gradient, with lower variance than sampling the index.
+
+    Shapes:
+        ``N = num_particles`` base draws cost ``N * K`` model evaluations, in one model call.
+
+    Args:
+        num_particles: Number of base draws ``N`` per step.
+        max_plate_nesting: Bound on the model's plate nesting; guessed by one run if ``inf``.
+
+    Example:
+        >>> guide = AutoCWM(model, num_components=4)
+        >>> svi = SVI(model, guide, Adam({"lr": 1e-2}), RBMixture_ELBO(num_particles=8))
+        >>> loss = svi.step(data)
+
+    Raises:
+        TypeError: If the guide is not an ``AutoContinuous`` whose posterior implements
+            ``rsample_components``.
+
+    References:
+        Classifier Weighted Mixture models (Argouarc'h, Septier, Desbouvries, 2025), Eq. (19).
+        https://arxiv.org/abs/2501.02989
+    """
+
+    def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf")) -> None:
+        if not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be an int >= 1; got {num_particles}")
+        super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+
+    def _get_trace(self, model, guide, args, kwargs):  # noqa: ANN001, ANN202
+        raise NotImplementedError("RBMixture_ELBO evaluates the model at K points per particle")
+
+    def _particle_elbos(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
+        if getattr(guide, "prototype_trace", None) is None and hasattr(guide, "_setup_prototype"):
+            guide._setup_prototype(*args, **kwargs)
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        posterior = posterior_of(guide, *args, **kwargs)
+        x, log_weights = posterior.rsample_components((self.num_particles,))
+        log_q = posterior.log_prob(x)
+        log_p = unconstrained_log_joint(
+            model, guide, x.reshape(-1, x.shape[-1]), args, kwargs,
+            max_plate_nesting=self.max_plate_nesting,
+        ).reshape(log_q.shape)
+        return rb_mixture_elbo(log_p, log_q, log_weights)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
+        """Minus the ELBO estimate, differentiable in the guide's and model's parameters."""
+        return -self._particle_elbos(model, guide, *args, **kwargs).mean()
+
+    def loss(self, model, guide, *args, **kwargs) -> float:  # noqa: ANN001
+        """Minus the ELBO estimate, as a float."""
+        with torch.no_grad():
+            return self.differentiable_loss(model, guide, *args, **kwargs).item()
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:  # noqa: ANN001
+        """Minus the ELBO estimate; also backpropagates it into the parameters' ``.grad``."""
+        loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.item()
