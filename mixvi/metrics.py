@@ -58,6 +58,20 @@ def _standardize(x: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (x - reference.mean(0)) / reference.std(0, ddof=1)
 
 
+def _linear_quantiles(values: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """``np.quantile(values, levels, axis=0)`` (linear method) from one sort per column.
+
+    ``np.quantile`` partitions once per level, which costs seconds for thousands of levels;
+    sorting once and interpolating gives the same numbers.
+    """
+    ordered = np.sort(values, axis=0)
+    position = (len(ordered) - 1) * np.asarray(levels)
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, len(ordered) - 1)
+    fraction = (position - low)[:, None]
+    return ordered[low] + fraction * (ordered[high] - ordered[low])
+
+
 def sliced_wasserstein(
     x: np.ndarray,
     y: np.ndarray,
@@ -81,8 +95,8 @@ def sliced_wasserstein(
     directions = rng.normal(size=(num_projections, x.shape[1]))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
     levels = (np.arange(max(len(x), len(y))) + 0.5) / max(len(x), len(y))
-    x_proj = np.quantile(x @ directions.T, levels, axis=0)
-    y_proj = np.quantile(y @ directions.T, levels, axis=0)
+    x_proj = _linear_quantiles(x @ directions.T, levels)
+    y_proj = _linear_quantiles(y @ directions.T, levels)
     return float(np.sqrt(np.mean((x_proj - y_proj) ** 2)))
 
 
