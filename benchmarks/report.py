@@ -1,0 +1,231 @@
+"""Results on disk: JSON, Markdown tables, plots, run metadata and the docs page.
+
+Every benchmark returns a dict with ``metadata`` (command, commit, machine, date) and writes
+``<output_dir>/<name>.json``, ``<name>.md`` and ``<name>.png`` through :func:`write_results`.
+:func:`write_docs_page` assembles ``docs/benchmarks.md`` from the Markdown files of the full runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "benchmarks" / "results"
+QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
+DOCS_PAGE = REPO / "docs" / "benchmarks.md"
+
+#: Order of the sections of the docs page; other result files follow alphabetically.
+PAGE_ORDER = ("posteriordb", "waveform", "timing")
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    for name in ("torch", "pyro", "jax", "numpyro"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return versions
+
+
+def metadata(command: str | None = None) -> dict[str, Any]:
+    """Command, commit (``+dirty`` if the tree has changes), machine, thread settings, date."""
+    commit = _git("rev-parse", "--short", "HEAD")
+    if commit and _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "+dirty"
+    return {
+        "command": command or "python -m benchmarks " + " ".join(sys.argv[1:]),
+        "commit": commit or "unknown",
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.system()}",
+        "threads": {k: os.environ.get(k, "") for k in ("OMP_NUM_THREADS", "XLA_FLAGS")},
+        "versions": _versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def metadata_markdown(meta: dict[str, Any]) -> str:
+    """The provenance lines printed above every results table."""
+    versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
+    return (
+        f"Command: `{meta['command']}`  \n"
+        f"Commit: `{meta['commit']}` · Machine: {meta['machine']} · Date: {meta['date']}  \n"
+        f"Versions: {versions}\n"
+    )
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number for a table cell: ``digits`` significant digits, ``nan`` and ``inf`` spelled out."""
+    if value is None:
+        return "–"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def mean_sd(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample sd (``nan`` sd for one value) of the finite ``values``."""
+    values = np.asarray([v for v in values if v is not None and math.isfinite(v)], float)
+    if values.size == 0:
+        return math.nan, math.nan
+    sd = float(values.std(ddof=1)) if values.size > 1 else math.nan
+    return float(values.mean()), sd
+
+
+def aggregate(
+    runs: Sequence[dict], keys: Sequence[str], metrics: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Group successful runs by ``keys`` and give each metric's mean, sd, min and max over seeds.
+
+    Each group also counts ``num_ok`` and ``num_failed`` runs (failed runs carry ``error``).
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[k] for k in keys), []).append(run)
+    rows = []
+    for key, members in groups.items():
+        ok = [m for m in members if "error" not in m]
+        row: dict[str, Any] = dict(zip(keys, key, strict=True))
+        row["num_ok"], row["num_failed"] = len(ok), len(members) - len(ok)
+        row["errors"] = sorted({m["error"] for m in members if "error" in m})
+        for metric in metrics:
+            values = [m[metric] for m in ok if metric in m]
+            mean, sd = mean_sd(values)
+            finite = [v for v in values if math.isfinite(v)]
+            row[metric] = {
+                "mean": mean,
+                "sd": sd,
+                "min": min(finite, default=math.nan),
+                "max": max(finite, default=math.nan),
+            }
+        rows.append(row)
+    return rows
+
+
+def winners(
+    summary: Sequence[dict], *, group: str, contender: str, metric: str
+) -> list[dict[str, Any]]:
+    """Per ``group`` (e.g. posterior), the ``contender`` (guide) with the lowest mean ``metric``,
+    its runner-up, and the margin ``runner_up / winner`` (how many times better the winner is)."""
+    by_group: dict[str, list[dict]] = {}
+    for row in summary:
+        if math.isfinite(row[metric]["mean"]):
+            by_group.setdefault(row[group], []).append(row)
+    out = []
+    for name, rows in by_group.items():
+        rows = sorted(rows, key=lambda r: r[metric]["mean"])
+        best, second = rows[0], rows[1] if len(rows) > 1 else None
+        margin = (
+            second[metric]["mean"] / best[metric]["mean"]
+            if second and best[metric]["mean"] > 0
+            else math.nan
+        )
+        out.append(
+            {
+                group: name,
+                "winner": best[contender],
+                "winner_value": best[metric],
+                "runner_up": second[contender] if second else None,
+                "runner_up_value": second[metric] if second else None,
+                "margin": margin,
+            }
+        )
+    return out
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def write_results(
+    name: str,
+    results: dict[str, Any],
+    output_dir: str | os.PathLike,
+    markdown: str,
+    plot: Callable[[Path], None] | None = None,
+) -> dict[str, str]:
+    """Write ``name.json``, ``name.md`` and (if ``plot``) ``name.png`` into ``output_dir``.
+
+    Returns the paths written, which are also stored in ``results["files"]``.
+    """
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"json": str(folder / f"{name}.json"), "markdown": str(folder / f"{name}.md")}
+    if plot is not None:
+        files["plot"] = str(folder / f"{name}.png")
+        plot(Path(files["plot"]))
+    results["files"] = files
+    Path(files["json"]).write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
+    Path(files["markdown"]).write_text(markdown)
+    return files
+
+
+def write_docs_page(
+    results_dir: str | os.PathLike = RESULTS_DIR, path: str | os.PathLike = DOCS_PAGE
+) -> Path:
+    """Assemble the docs page from every ``<results_dir>/*.md`` (benchmarks first, then the seed
+    reproductions), each under the command, commit, machine and date that produced it."""
+    folder = Path(results_dir)
+    names = sorted(p.stem for p in folder.glob("*.md"))
+    ordered = [n for n in PAGE_ORDER if n in names] + [n for n in names if n not in PAGE_ORDER]
+    parts = [
+        "# Benchmarks\n\n"
+        "The latest committed results of `python -m benchmarks` (see `benchmarks/`), regenerated "
+        "by `python -m benchmarks all` (each section also by its own sub-command; "
+        "`python -m benchmarks report` rebuilds this page from `benchmarks/results/`). "
+        "Every section states the command, commit, machine and date that produced it. "
+        "Accuracy is measured against gold-standard reference draws; speed is a ratio to the "
+        "framework's own flow guide measured in one process.\n"
+    ]
+    for name in ordered:
+        text = (folder / f"{name}.md").read_text().strip()
+        if not text.startswith("#"):
+            text = f"## {name}\n\n{text}"
+        # Plots are linked relative to the results folder; point them there from the page.
+        relative = os.path.relpath(folder, Path(path).parent)
+        text = text.replace(f"]({name}.png)", f"]({relative}/{name}.png)")
+        parts.append(text + "\n")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(parts))
+    return target
