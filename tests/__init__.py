@@ -1,0 +1,1 @@
+"""mixvi test suite (a package, so tests/pyro does not shadow the pyro package)."""
