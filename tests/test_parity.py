@@ -14,8 +14,15 @@ import pyro_mixvi  # noqa: E402
 HOST_ONLY = {"create_plates", "prefix", "rng_key", "generator", "self", "args", "kwargs"}
 
 
+# Names one backend exports before the other has them, each with the reason. A name listed here
+# that both backends export, or a one-sided name not listed, fails the test: the list can only
+# shrink honestly, and it must be empty for a release.
+PENDING: dict[str, str] = {}
+
+
 def test_same_public_names():
-    assert sorted(pyro_mixvi.__all__) == sorted(numpyro_mixvi.__all__)
+    one_sided = set(pyro_mixvi.__all__) ^ set(numpyro_mixvi.__all__)
+    assert one_sided == set(PENDING), f"one-sided names: {sorted(one_sided)}; listed: {PENDING}"
 
 
 @pytest.mark.parametrize("name", sorted(set(pyro_mixvi.__all__) & set(numpyro_mixvi.__all__)))
