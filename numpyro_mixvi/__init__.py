@@ -3,4 +3,6 @@
 The public names are the same in ``pyro_mixvi``. This package never imports torch.
 """
 
-__all__: list[str] = []
+from numpyro_mixvi.targets import CONJUGATE_MODELS, TARGETS, GaussianMixture, target_model
+
+__all__: list[str] = ["CONJUGATE_MODELS", "TARGETS", "GaussianMixture", "target_model"]

@@ -3,4 +3,6 @@
 The public names are the same in ``numpyro_mixvi``. This package never imports JAX.
 """
 
-__all__: list[str] = []
+from pyro_mixvi.targets import CONJUGATE_MODELS, TARGETS, GaussianMixture, target_model
+
+__all__: list[str] = ["CONJUGATE_MODELS", "TARGETS", "GaussianMixture", "target_model"]

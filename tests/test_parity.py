@@ -36,3 +36,13 @@ def test_same_keywords(name):
         return {p for p in params if p not in HOST_ONLY}
 
     assert keywords(getattr(pyro_mixvi, name)) == keywords(getattr(numpyro_mixvi, name))
+
+
+def test_same_registry_names():
+    """Targets and conjugate models are registered under the same names in both backends."""
+    from numpyro_mixvi import targets as jax_targets
+    from pyro_mixvi import targets as torch_targets
+
+    assert list(torch_targets.TARGETS) == list(jax_targets.TARGETS)
+    assert list(torch_targets.CONJUGATE_MODELS) == list(jax_targets.CONJUGATE_MODELS)
+    assert sorted(torch_targets.__all__) == sorted(jax_targets.__all__)
