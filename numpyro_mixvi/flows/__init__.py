@@ -1,1 +1,10 @@
-"""Invertible transforms and flows (MAF, RealNVP, RBIG, conditional flows); floor 1."""
+"""Flow experts with one interface (MAF, RealNVP, RBIG); floor 1.
+
+``MAF`` and ``RealNVP`` are thin factories over maintained flow libraries and accept a context
+(conditional flows); ``RBIG`` is fit from samples.
+"""
+
+from .maf import MAF
+from .realnvp import RealNVP
+
+__all__ = ["MAF", "RealNVP"]

@@ -1,0 +1,30 @@
+"""Argument checks shared by the flow factories (one place, so every factory says the same)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def check_flow_args(
+    input_dim: int,
+    context_dim: int,
+    num_transforms: int,
+    hidden_dims: Sequence[int],
+    *,
+    min_input_dim: int = 1,
+) -> tuple[int, ...]:
+    """Validate the keywords every flow factory shares; return ``hidden_dims`` as a tuple.
+
+    Raises:
+        ValueError: Naming the first bad argument and the accepted range.
+    """
+    if int(input_dim) != input_dim or input_dim < min_input_dim:
+        raise ValueError(f"input_dim must be an integer >= {min_input_dim}; got {input_dim}")
+    if int(context_dim) != context_dim or context_dim < 0:
+        raise ValueError(f"context_dim must be an integer >= 0; got {context_dim}")
+    if int(num_transforms) != num_transforms or num_transforms < 1:
+        raise ValueError(f"num_transforms must be an integer >= 1; got {num_transforms}")
+    hidden = tuple(hidden_dims)
+    if not hidden or any(int(h) != h or h < 1 for h in hidden):
+        raise ValueError(f"hidden_dims must be a non-empty sequence of positive ints; got {hidden_dims}")
+    return tuple(int(h) for h in hidden)
