@@ -1,4 +1,4 @@
-"""Masked autoregressive flow (MAF): a thin factory over flowjax's ``masked_autoregressive_flow``."""
+"""Masked autoregressive flow (MAF): a thin factory over flowjax ``masked_autoregressive_flow``."""
 
 from __future__ import annotations
 

@@ -26,5 +26,7 @@ def check_flow_args(
         raise ValueError(f"num_transforms must be an integer >= 1; got {num_transforms}")
     hidden = tuple(hidden_dims)
     if not hidden or any(int(h) != h or h < 1 for h in hidden):
-        raise ValueError(f"hidden_dims must be a non-empty sequence of positive ints; got {hidden_dims}")
+        raise ValueError(
+            f"hidden_dims must be a non-empty sequence of positive ints; got {hidden_dims}"
+        )
     return tuple(int(h) for h in hidden)

@@ -69,7 +69,8 @@ def test_context_batches_and_matters(name, dtype):
     assert x.shape == (4, 2, 3, dim)
     assert dist.log_prob(x).shape == (4, 2, 3)
     point = torch.zeros(dim)
-    assert not torch.allclose(flow(context[0, 0]).log_prob(point), flow(context[1, 2]).log_prob(point))
+    first, last = flow(context[0, 0]).log_prob(point), flow(context[1, 2]).log_prob(point)
+    assert not torch.allclose(first, last)
 
 
 @pytest.mark.parametrize("factory", [MAF, RealNVP], ids=["MAF", "RealNVP"])
@@ -96,7 +97,7 @@ def test_fit_beats_gaussian_in_4d(factory, dtype):
     train, test = draw(2000), draw(2000)
     flow = factory(4, num_transforms=4, hidden_dims=(32, 32))
     opt = torch.optim.Adam(flow.parameters(), lr=5e-3)
-    for _ in range(300):
+    for _ in range(120):  # early-stopped: longer runs overfit 2000 points
         opt.zero_grad()
         loss = -flow().log_prob(train).mean()
         loss.backward()
