@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -32,6 +33,14 @@ def resolve(path: str) -> Any:
     if not attribute:
         raise ValueError(f"import path must look like 'module:attribute'; got {path!r}")
     return getattr(importlib.import_module(module_name), attribute)
+
+
+def _accepts(function: Callable, keyword: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return keyword in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def _load(target: str | Callable) -> Any:
@@ -75,10 +84,11 @@ class GuideSpec(NamedTuple):
 
     def make_elbo(self, num_particles: int, *, vectorize: bool = True) -> Any:
         """A fresh ELBO drawing ``num_particles`` particles per step (vectorized in Pyro)."""
+        elbo_class = _load(self.elbo)
         options = dict(self.elbo_options, num_particles=num_particles)
-        if self.backend == "pyro":
+        if self.backend == "pyro" and _accepts(elbo_class, "vectorize_particles"):
             options.setdefault("vectorize_particles", vectorize)
-        return _load(self.elbo)(**options)
+        return elbo_class(**options)
 
 
 GUIDES: dict[str, dict[str, GuideSpec]] = {backend: {} for backend in BACKENDS}

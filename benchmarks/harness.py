@@ -107,6 +107,7 @@ def evaluate(
     kwargs: dict | None = None,
     backend: str | None = None,
     seed: int = 0,
+    return_draws: bool = False,
 ) -> dict[str, Any]:
     """Fit ``guide`` to ``model(*args, **kwargs)`` within ``budget``; compare it with ``reference``.
 
@@ -122,6 +123,7 @@ def evaluate(
         backend: ``"pyro"`` or ``"numpyro"``; defaults to the spec's backend, else
             :func:`default_backend`.
         seed: Seeds the fit and the evaluation draws.
+        return_draws: Also return the guide draws ``{site: (num_draws, *shape)}`` under ``"draws"``.
 
     Returns:
         ``max_mean_error``, ``mean_mean_error``, ``min_sd_ratio``, ``max_sd_ratio``, ``sliced_w2``,
@@ -140,10 +142,14 @@ def evaluate(
         fit_seconds = time.perf_counter() - start
     draws, log_weights = impl.draws_and_log_weights(fitted, budget.num_draws, seed + 1)
     losses = fitted.losses
-    return {
-        **compare_to_reference(_like_reference(draws, reference), reference, seed=seed),
+    draws = _like_reference(draws, reference)
+    row = {
+        **compare_to_reference(draws, reference, seed=seed),
         **importance_summary(log_weights),
         "final_loss": float(np.mean(losses[-max(len(losses) // 10, 1) :])),
         "fit_seconds": fit_seconds,
         "peak_memory_mb": peak.megabytes,
     }
+    if return_draws:
+        row["draws"] = draws
+    return row

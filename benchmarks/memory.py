@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import threading
 from pathlib import Path
 
@@ -31,6 +33,15 @@ def _status_kb(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc), so earlier runs do not hide this one's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_high_water_mark() -> bool:
@@ -59,6 +70,7 @@ class PeakMemory:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
+        _release_free_memory()
         self._baseline_kb = _status_kb("VmRSS")
         if self._baseline_kb is None:
             return self

@@ -200,6 +200,42 @@ def write_results(
     return files
 
 
+PAGE_HEADER = """# Benchmarks
+
+The latest committed results of `python -m benchmarks`; every section below states the command,
+commit, machine and date that produced it. `python -m benchmarks all` regenerates everything
+(each section also has its own sub-command), and `python -m benchmarks report` rebuilds this page
+from `benchmarks/results/`. `--quick` runs a small version in about a minute and writes to
+`benchmarks/results/quick/` (not committed).
+
+| sub-command | what it measures |
+|---|---|
+| `posteriordb` | every guide on every posteriordb posterior against the reference NUTS draws |
+| `waveform` | WAVEFORM Bayesian logistic regression (D = 22) against NUTS and log Z = -150.39 |
+| `timing` | step time and peak memory relative to the framework's flow guide, D = 2, 22, 100 |
+| others | the seed reproductions of the methods (`python -m benchmarks list`) |
+
+Accuracy metrics: the standardized mean error `|E_q x - E_ref x| / sd_ref` (max and mean over
+coordinates), the sd ratio `sd_q / sd_ref`, the sliced Wasserstein-2 distance on coordinates
+standardized by the reference (the headline: 0 is perfect, the reference's own Monte Carlo error
+is about 0.03), the Pareto k̂ of the importance weights `log p(x, y) - log q(x)` at guide draws
+(k̂ > 0.7: the guide misses mass), and the importance-sampled log evidence with the guide as
+proposal. For guides whose `log q` is itself an estimate (AutoSIVI), k̂ and log Z inherit its
+bias. Every guide gets the same budget: Adam steps with a learning rate decayed to a tenth,
+ELBO particles per step, draws for the metrics.
+
+From Python:
+
+```python
+from benchmarks import Budget, evaluate, register_guide, register_model
+row = evaluate(model, args, reference_draws, "AutoNormal", Budget(num_steps=2000),
+               backend="numpyro")           # or a guide factory: lambda model: MyGuide(model)
+register_model("mydata-mymodel", "pyro", build)    # build(data_dict) -> (model, args, kwargs)
+register_guide("MyGuide", "pyro", "mypkg:MyGuide", elbo="mypkg:My_ELBO", num_components=4)
+```
+"""
+
+
 def write_docs_page(
     results_dir: str | os.PathLike = RESULTS_DIR, path: str | os.PathLike = DOCS_PAGE
 ) -> Path:
@@ -208,15 +244,7 @@ def write_docs_page(
     folder = Path(results_dir)
     names = sorted(p.stem for p in folder.glob("*.md"))
     ordered = [n for n in PAGE_ORDER if n in names] + [n for n in names if n not in PAGE_ORDER]
-    parts = [
-        "# Benchmarks\n\n"
-        "The latest committed results of `python -m benchmarks` (see `benchmarks/`), regenerated "
-        "by `python -m benchmarks all` (each section also by its own sub-command; "
-        "`python -m benchmarks report` rebuilds this page from `benchmarks/results/`). "
-        "Every section states the command, commit, machine and date that produced it. "
-        "Accuracy is measured against gold-standard reference draws; speed is a ratio to the "
-        "framework's own flow guide measured in one process.\n"
-    ]
+    parts = [PAGE_HEADER]
     for name in ordered:
         text = (folder / f"{name}.md").read_text().strip()
         if not text.startswith("#"):

@@ -15,7 +15,7 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoMultivariateNormal
 from pyro.nn import PyroParam
 
-from benchmarks import posteriordb
+from benchmarks import posteriordb, timing, waveform
 from benchmarks.cli import main
 from benchmarks.harness import Budget, evaluate
 from benchmarks.models import MODELS, find_model, register_model
@@ -198,3 +198,40 @@ def test_cli_quick_full(bench_data, tmp_path):
     subprocess.run(command, cwd=REPO, check=True, env=dict(os.environ), timeout=900)
     results = json.loads((tmp_path / "posteriordb.json").read_text())
     assert results["runs"] or results["skipped"]["posteriors"]
+
+
+def test_waveform_quick_run(bench_data, tmp_path):
+    """A short WAVEFORM fit: finite scores, accuracy in [0, 1], and the NUTS row for comparison
+    (the reference posterior predicts better than chance: accuracy > 0.5, log-lik > log 0.5)."""
+    results = waveform.run(
+        backend="pyro",
+        guides=["AutoNormal"],
+        seeds=(0,),
+        output_dir=tmp_path,
+        progress_bar=False,
+        budget=Budget(num_steps=100, num_particles=2, learning_rate=0.05, num_draws=200),
+    )
+    (run,) = results["runs"]
+    assert "error" not in run, run
+    assert np.isfinite([run["sliced_w2"], run["log_evidence"], run["test_log_lik"]]).all()
+    assert 0.0 <= run["test_accuracy"] <= 1.0
+    assert results["nuts"]["test_accuracy"] > 0.5
+    assert results["nuts"]["test_log_lik"] > np.log(0.5)
+    assert "NUTS (reference)" in (tmp_path / "waveform.md").read_text()
+
+
+def test_timing_ratios_to_the_flow_guide(tmp_path):
+    results = timing.run(
+        backend="pyro",
+        guides=["AutoNormal", "AutoIAFNormal"],
+        dims=(2, 5),
+        output_dir=tmp_path,
+        budget=Budget(num_steps=3, num_particles=2),
+        progress_bar=False,
+    )
+    assert len(results["runs"]) == 4 and all("error" not in r for r in results["runs"])
+    for r in results["runs"]:
+        assert r["step_ms"] > 0
+        if r["guide"] == "AutoIAFNormal":
+            assert r["step_ratio"] == 1.0
+    assert "Milliseconds per step" in (tmp_path / "timing.md").read_text()
