@@ -3,6 +3,14 @@
 The public names are the same in ``numpyro_mixvi``. This package never imports JAX.
 """
 
+from pyro_mixvi.posteriordb import POSTERIORDB_MODELS, register_posteriordb_model
 from pyro_mixvi.targets import CONJUGATE_MODELS, TARGETS, GaussianMixture, target_model
 
-__all__: list[str] = ["CONJUGATE_MODELS", "TARGETS", "GaussianMixture", "target_model"]
+__all__: list[str] = [
+    "CONJUGATE_MODELS",
+    "POSTERIORDB_MODELS",
+    "TARGETS",
+    "GaussianMixture",
+    "register_posteriordb_model",
+    "target_model",
+]
