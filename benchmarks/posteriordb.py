@@ -31,7 +31,7 @@ from mixvi.bench_data import bench_data_dir, list_posteriordb, load_posteriordb
 NAME = "posteriordb"
 SEEDS = (0, 1, 2)
 QUICK_SEEDS = (0,)
-BUDGET = Budget(num_steps=1500, num_particles=8, learning_rate=1e-2, num_draws=1000)
+BUDGET = Budget(num_steps=1000, num_particles=8, learning_rate=2e-2, num_draws=1000)
 QUICK_BUDGET = Budget(num_steps=150, num_particles=4, learning_rate=2e-2, num_draws=256)
 METRICS = (
     "max_mean_error",
@@ -78,6 +78,11 @@ def _one_run(entry: Any, builder: Any, spec: Any, budget: Budget, seed: int) -> 
     return row
 
 
+def results_name(backend: str) -> str:
+    """Stem of the result files of ``backend``: ``<benchmark>-<backend>`` (.json, .md, .png)."""
+    return f"{NAME}-{backend}"
+
+
 def run(
     *,
     quick: bool = False,
@@ -91,7 +96,7 @@ def run(
     progress_bar: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Run the posteriordb benchmark and write ``posteriordb.json``/``.md``/``.png``.
+    """Run the posteriordb benchmark and write ``posteriordb-<backend>.json``/``.md``/``.png``.
 
     Args:
         quick: Small budget and one seed (about a minute); results go to ``results/quick``.
@@ -156,7 +161,9 @@ def run(
     )
     has_numbers = any(math.isfinite(r["sliced_w2"]["mean"]) for r in summary)
     draw = (lambda path: plot(results, path)) if has_numbers else None
-    report.write_results(NAME, results, out, markdown(results, with_plot=has_numbers), plot=draw)
+    report.write_results(
+        results_name(backend), results, out, markdown(results, with_plot=has_numbers), plot=draw
+    )
     return results
 
 
@@ -256,7 +263,9 @@ def markdown(results: dict[str, Any], *, with_plot: bool = True) -> str:
         lines += [f"- skipped {k}: {v}" for k, v in skipped.items()]
         lines.append("")
     if with_plot:
-        lines.append(f"![sliced W2 per posterior and guide]({NAME}.png)\n")
+        lines.append(
+            f"![sliced W2 per posterior and guide]({results_name(results['backend'])}.png)\n"
+        )
     return "\n".join(lines)
 
 

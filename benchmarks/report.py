@@ -25,7 +25,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 QUICK_RESULTS_DIR = RESULTS_DIR / "quick"
 DOCS_PAGE = REPO / "docs" / "benchmarks.md"
 
-#: Order of the sections of the docs page; other result files follow alphabetically.
+#: Order of the sections of the docs page (by file-name prefix before ``-``); others follow.
 PAGE_ORDER = ("posteriordb", "waveform", "timing")
 
 
@@ -243,7 +243,8 @@ def write_docs_page(
     reproductions), each under the command, commit, machine and date that produced it."""
     folder = Path(results_dir)
     names = sorted(p.stem for p in folder.glob("*.md"))
-    ordered = [n for n in PAGE_ORDER if n in names] + [n for n in names if n not in PAGE_ORDER]
+    rank = {prefix: i for i, prefix in enumerate(PAGE_ORDER)}
+    ordered = sorted(names, key=lambda n: (rank.get(n.split("-")[0], len(PAGE_ORDER)), n))
     parts = [PAGE_HEADER]
     for name in ordered:
         text = (folder / f"{name}.md").read_text().strip()

@@ -53,6 +53,11 @@ def predictive(weights: np.ndarray, X: np.ndarray, y: np.ndarray) -> dict[str, f
     }
 
 
+def results_name(backend: str) -> str:
+    """Stem of the result files of ``backend``: ``<benchmark>-<backend>`` (.json, .md, .png)."""
+    return f"{NAME}-{backend}"
+
+
 def run(
     *,
     quick: bool = False,
@@ -65,7 +70,7 @@ def run(
     progress_bar: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Run the WAVEFORM comparison and write ``waveform.json``/``.md``/``.png``.
+    """Run the WAVEFORM comparison and write ``waveform-<backend>.json``/``.md``/``.png``.
 
     Args:
         quick: Small budget and one seed; results go to ``results/quick``.
@@ -118,7 +123,9 @@ def run(
     )
     has_numbers = any(math.isfinite(r["sliced_w2"]["mean"]) for r in summary)
     draw = (lambda path: plot(results, path)) if has_numbers else None
-    report.write_results(NAME, results, out, markdown(results, with_plot=has_numbers), plot=draw)
+    report.write_results(
+        results_name(backend), results, out, markdown(results, with_plot=has_numbers), plot=draw
+    )
     return results
 
 
@@ -202,7 +209,7 @@ def markdown(results: dict[str, Any], *, with_plot: bool = True) -> str:
         lines += [f"- skipped {k}: {v}" for k, v in results["skipped"]["guides"].items()]
         lines.append("")
     if with_plot:
-        lines.append(f"![WAVEFORM accuracy per guide]({NAME}.png)\n")
+        lines.append(f"![WAVEFORM accuracy per guide]({results_name(results['backend'])}.png)\n")
     return "\n".join(lines)
 
 

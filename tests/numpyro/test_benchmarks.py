@@ -82,7 +82,7 @@ def test_posteriordb_run_matches_meanfield_optimum(problem, tmp_path):
     assert row["min_sd_ratio"]["mean"] == pytest.approx(problem.meanfield_sd_ratio.min(), rel=0.2)
     best = min(results["summary"], key=lambda r: r["sliced_w2"]["mean"])
     assert results["winners"][0]["winner"] == best["guide"]
-    assert (tmp_path / "posteriordb.md").read_text().count(NAME) >= 3
+    assert (tmp_path / "posteriordb-numpyro.md").read_text().count(NAME) >= 3
 
 
 def test_numpyro_run_never_imports_torch(problem, tmp_path):
@@ -100,7 +100,7 @@ def test_numpyro_run_never_imports_torch(problem, tmp_path):
     subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, check=True, env=dict(os.environ), timeout=300
     )
-    runs = json.loads((tmp_path / "posteriordb.json").read_text())["runs"]
+    runs = json.loads((tmp_path / "posteriordb-numpyro.json").read_text())["runs"]
     assert len(runs) == 1 and "error" not in runs[0]
 
 
@@ -129,7 +129,7 @@ def test_cli_quick_from_repo_root_on_default_data(bench_data, tmp_path):
         "--no-progress",
     ]
     subprocess.run(command, cwd=REPO, check=True, env=dict(os.environ), timeout=300)
-    runs = json.loads((tmp_path / "posteriordb.json").read_text())["runs"]
+    runs = json.loads((tmp_path / "posteriordb-numpyro.json").read_text())["runs"]
     assert runs and all("error" not in r for r in runs)
 
 
@@ -149,7 +149,7 @@ def test_cli_quick_full(bench_data, tmp_path):
         "--no-progress",
     ]
     subprocess.run(command, cwd=REPO, check=True, env=dict(os.environ), timeout=900)
-    results = json.loads((tmp_path / "posteriordb.json").read_text())
+    results = json.loads((tmp_path / "posteriordb-numpyro.json").read_text())
     assert results["runs"] or results["skipped"]["posteriors"]
 
 
@@ -171,7 +171,7 @@ def test_waveform_quick_run(bench_data, tmp_path):
     assert 0.0 <= run["test_accuracy"] <= 1.0
     assert results["nuts"]["test_accuracy"] > 0.5
     assert results["nuts"]["test_log_lik"] > np.log(0.5)
-    assert "NUTS (reference)" in (tmp_path / "waveform.md").read_text()
+    assert "NUTS (reference)" in (tmp_path / "waveform-numpyro.md").read_text()
 
 
 def test_timing_ratios_to_the_flow_guide(tmp_path):

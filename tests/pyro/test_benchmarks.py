@@ -95,15 +95,15 @@ def test_posteriordb_run_writes_results(problem, tmp_path):
         backend="pyro",
     )
     assert [r.get("error") for r in results["runs"]] == [None] * 4
-    on_disk = json.loads((tmp_path / "out" / "posteriordb.json").read_text())
+    on_disk = json.loads((tmp_path / "out" / "posteriordb-pyro.json").read_text())
     assert on_disk["winners"][0]["posterior"] == NAME
     best = min(on_disk["summary"], key=lambda r: r["sliced_w2"]["mean"])
     assert on_disk["winners"][0]["winner"] == best["guide"]
     row = next(r for r in on_disk["summary"] if r["guide"] == "AutoNormal")
     assert row["num_ok"] == 2 and row["sliced_w2"]["sd"] >= 0
-    text = (tmp_path / "out" / "posteriordb.md").read_text()
+    text = (tmp_path / "out" / "posteriordb-pyro.md").read_text()
     assert "Winner per posterior" in text and on_disk["metadata"]["commit"] in text
-    assert (tmp_path / "out" / "posteriordb.png").stat().st_size > 0
+    assert (tmp_path / "out" / "posteriordb-pyro.png").stat().st_size > 0
     # The mean-field optimum on a Gaussian has a known sd ratio; 300 draws estimate an sd to
     # ~4% (1/sqrt(2*300)), and a 300-step fit adds optimization noise: 20% tolerance.
     assert row["min_sd_ratio"]["mean"] == pytest.approx(problem.meanfield_sd_ratio.min(), rel=0.2)
@@ -124,7 +124,7 @@ def test_failing_guide_is_reported_not_fatal(problem, tmp_path):
         backend="pyro",
     )
     assert results["runs"][0]["error"].startswith("ValueError: model builder failed")
-    assert "model builder failed" in (tmp_path / "posteriordb.md").read_text()
+    assert "model builder failed" in (tmp_path / "posteriordb-pyro.md").read_text()
 
 
 def test_cli_quick_on_user_folder(problem, tmp_path, capsys):
@@ -145,7 +145,7 @@ def test_cli_quick_on_user_folder(problem, tmp_path, capsys):
         ]
     )
     assert status == 0
-    results = json.loads((tmp_path / "posteriordb.json").read_text())
+    results = json.loads((tmp_path / "posteriordb-pyro.json").read_text())
     assert {r["guide"] for r in results["runs"]} == {"AutoNormal", "AutoIAFNormal"}
     assert all("error" not in r for r in results["runs"])
     assert "posteriordb" in capsys.readouterr().out
@@ -176,7 +176,7 @@ def test_cli_quick_from_repo_root_on_default_data(bench_data, tmp_path):
         "--no-progress",
     ]
     subprocess.run(command, cwd=REPO, check=True, env=dict(os.environ), timeout=300)
-    runs = json.loads((tmp_path / "posteriordb.json").read_text())["runs"]
+    runs = json.loads((tmp_path / "posteriordb-pyro.json").read_text())["runs"]
     assert runs and all("error" not in r for r in runs)
 
 
@@ -196,7 +196,7 @@ def test_cli_quick_full(bench_data, tmp_path):
         "--no-progress",
     ]
     subprocess.run(command, cwd=REPO, check=True, env=dict(os.environ), timeout=900)
-    results = json.loads((tmp_path / "posteriordb.json").read_text())
+    results = json.loads((tmp_path / "posteriordb-pyro.json").read_text())
     assert results["runs"] or results["skipped"]["posteriors"]
 
 
@@ -217,7 +217,7 @@ def test_waveform_quick_run(bench_data, tmp_path):
     assert 0.0 <= run["test_accuracy"] <= 1.0
     assert results["nuts"]["test_accuracy"] > 0.5
     assert results["nuts"]["test_log_lik"] > np.log(0.5)
-    assert "NUTS (reference)" in (tmp_path / "waveform.md").read_text()
+    assert "NUTS (reference)" in (tmp_path / "waveform-pyro.md").read_text()
 
 
 def test_timing_ratios_to_the_flow_guide(tmp_path):
