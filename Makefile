@@ -15,7 +15,7 @@ export MKL_NUM_THREADS := 1
 export XLA_FLAGS := --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
 export JAX_PLATFORMS := cpu
 
-.PHONY: all venv venv312 demo test test-311 test-312 test-slow lint benchmarks clean
+.PHONY: all venv venv312 demo test test-311 test-312 test-slow lint benchmarks docs docs-quick clean
 
 all: test
 
@@ -62,8 +62,33 @@ test-slow: venv venv312
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# Docs: each tutorial (tutorials/<backend>_*.py, jupytext percent format) is executed into a
+# notebook under docs/tutorials/ (re-run when it or the package changes), then mkdocs builds the
+# site with warnings as errors. `make docs-quick` executes the tutorials at small budgets (CI).
+DOCS_TUTORIALS := $(filter-out tutorials/demo.py,$(wildcard tutorials/*.py))
+DOCS_NOTEBOOKS := $(patsubst tutorials/%.py,docs/tutorials/%.ipynb,$(DOCS_TUTORIALS))
+PACKAGE_SOURCES := $(shell find mixvi pyro_mixvi numpyro_mixvi -name '*.py' 2>/dev/null)
+export NO_MKDOCS_2_WARNING := 1
+
+$(VENV)/.docs-installed: $(VENV)/.installed setup.cfg
+	$(VENV)/bin/python -m pip install -e ".[all,docs]"
+	touch $@
+
+docs/tutorials/%.ipynb: tutorials/%.py $(PACKAGE_SOURCES) | $(VENV)/.docs-installed
+	@mkdir -p docs/tutorials
+	MPLBACKEND=module://matplotlib_inline.backend_inline $(VENV)/bin/python -m jupytext \
+		--to ipynb --set-kernel python3 --execute --output $@ $<
+
+docs: $(DOCS_NOTEBOOKS) | $(VENV)/.docs-installed
+	$(VENV)/bin/mkdocs build --strict
+
+docs-quick: | $(VENV)/.docs-installed
+	rm -f $(DOCS_NOTEBOOKS)
+	$(MAKE) docs MIXVI_TUTORIAL_QUICK=1
+	rm -f $(DOCS_NOTEBOOKS)
+
 benchmarks: venv
 	$(VENV)/bin/python -m benchmarks --help
 
 clean:
-	rm -rf $(VENV) $(VENV312) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV312) *.egg-info .pytest_cache site docs/tutorials/*.ipynb

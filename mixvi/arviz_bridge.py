@@ -58,7 +58,8 @@ def from_draws(
         observed_data: ``{observed site: obs array}``.
         log_p: ``(S,)`` log joint ``log p(y, θ)`` at the draws (``sample_stats.log_p``).
         log_q: ``(S,)`` guide log-density at the draws (``sample_stats.log_q``).
-        dims, coords: Passed to ``az.from_dict``.
+        dims: ``{site: [dim names]}``, passed to ``az.from_dict``.
+        coords: ``{dim name: values}``, passed to ``az.from_dict``.
 
     Returns:
         ``InferenceData`` on ArviZ 0.x, ``xarray.DataTree`` on ArviZ 1.x; draws are laid out
