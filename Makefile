@@ -76,7 +76,7 @@ $(VENV)/.docs-installed: $(VENV)/.installed setup.cfg
 
 docs/tutorials/%.ipynb: tutorials/%.py $(PACKAGE_SOURCES) | $(VENV)/.docs-installed
 	@mkdir -p docs/tutorials
-	MPLBACKEND=module://matplotlib_inline.backend_inline $(VENV)/bin/python -m jupytext \
+	PYTHONPATH=$(CURDIR) MPLBACKEND=module://matplotlib_inline.backend_inline $(VENV)/bin/python -m jupytext \
 		--to ipynb --set-kernel python3 --execute --output $@ $<
 
 docs: $(DOCS_NOTEBOOKS) | $(VENV)/.docs-installed

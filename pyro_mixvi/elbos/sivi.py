@@ -33,7 +33,8 @@ class SIVI_ELBO(Trace_ELBO):
         num_particles: Draws of ``z`` per step.
         num_importance_samples: ``k`` for the score; default the guide's.
         proposal: ``"flow"`` (AISIVI), ``"prior"`` (BSIVI) or ``None`` (the guide's).
-        vectorize_particles, max_plate_nesting: As in ``Trace_ELBO``.
+        vectorize_particles: As in ``Trace_ELBO``.
+        max_plate_nesting: As in ``Trace_ELBO``.
 
     Example:
         >>> guide = AutoSIVI(model)

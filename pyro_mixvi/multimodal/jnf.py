@@ -297,7 +297,9 @@ class JNFShared(JNF):
         input_dims: ``d_j`` of each modality; at least two modalities.
         shared_dim: Size of the shared projections.
         temperature: InfoNCE temperature; positive.
-        **kwargs: As for ``JNF`` (``latent_dim``, ``hidden_dims``, ``num_transforms``, ...).
+
+    The other keywords (``latent_dim``, ``hidden_dims``, ``num_transforms``, ...) are as for
+    ``JNF``.
 
     Example:
         >>> model = JNFShared([64, 64], latent_dim=4, shared_dim=16)

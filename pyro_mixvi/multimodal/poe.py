@@ -9,7 +9,7 @@ which is exact when each ``q_j`` is the true ``p(z|x_j)`` and the modalities are
 independent given ``z``. The power ``|S| - 1`` matters: MultiVae's ``main`` divides once, which is
 wrong for ``|S| > 2`` (``tests/pyro/test_jnf_poe.py`` pins ours).
 
-Functions:
+Contents:
     :func:`product_of_experts_log_prob` — the unnormalized log-density above.
     :func:`gaussian_product_of_experts` — closed form for diagonal Gaussian experts times
     ``p(z)^{prior_power}`` (``prior_power = 1`` is MVAE's prior expert, ``-(|S|-1)`` the above).
