@@ -31,7 +31,7 @@ from mixvi.bench_data import bench_data_dir, list_posteriordb, load_posteriordb
 NAME = "posteriordb"
 SEEDS = (0, 1, 2)
 QUICK_SEEDS = (0,)
-BUDGET = Budget(num_steps=1000, num_particles=8, learning_rate=2e-2, num_draws=1000)
+BUDGET = Budget(num_steps=500, num_particles=8, learning_rate=3e-2, num_draws=1000)
 QUICK_BUDGET = Budget(num_steps=150, num_particles=4, learning_rate=2e-2, num_draws=256)
 METRICS = (
     "max_mean_error",
