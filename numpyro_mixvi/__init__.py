@@ -3,12 +3,18 @@
 The public names are the same in ``pyro_mixvi``. This package never imports torch.
 """
 
+from numpyro_mixvi.distributions.cwm import ClassifierWeightedMixture
+from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
+from numpyro_mixvi.guides.cwm import AutoCWM
 from numpyro_mixvi.posteriordb import POSTERIORDB_MODELS, register_posteriordb_model
 from numpyro_mixvi.targets import CONJUGATE_MODELS, TARGETS, GaussianMixture, target_model
 
 __all__: list[str] = [
+    "AutoCWM",
     "CONJUGATE_MODELS",
+    "ClassifierWeightedMixture",
     "POSTERIORDB_MODELS",
+    "RBMixture_ELBO",
     "TARGETS",
     "GaussianMixture",
     "register_posteriordb_model",

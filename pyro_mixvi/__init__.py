@@ -3,12 +3,18 @@
 The public names are the same in ``numpyro_mixvi``. This package never imports JAX.
 """
 
+from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture
+from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
+from pyro_mixvi.guides.cwm import AutoCWM
 from pyro_mixvi.posteriordb import POSTERIORDB_MODELS, register_posteriordb_model
 from pyro_mixvi.targets import CONJUGATE_MODELS, TARGETS, GaussianMixture, target_model
 
 __all__: list[str] = [
+    "AutoCWM",
     "CONJUGATE_MODELS",
+    "ClassifierWeightedMixture",
     "POSTERIORDB_MODELS",
+    "RBMixture_ELBO",
     "TARGETS",
     "GaussianMixture",
     "register_posteriordb_model",

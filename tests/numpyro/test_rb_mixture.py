@@ -58,7 +58,8 @@ def exact_elbo_gradient(params):
 
     def elbo(params):
         log_q = cwm_from(params).log_prob(mid)
-        return (jnp.exp(log_q) * (target_log_prob_1d(mid[:, 0]) - log_q)).sum() * (grid[1] - grid[0])
+        integrand = jnp.exp(log_q) * (target_log_prob_1d(mid[:, 0]) - log_q)
+        return integrand.sum() * (grid[1] - grid[0])
 
     return flat(jax.grad(elbo)(params))
 
