@@ -53,7 +53,7 @@ def assert_samples_match_density_2d(
     fewer than 5 draws are pooled into one. Fails when the p-value is below ``alpha``.
     """
     fine, _ = grid_2d(bounds, bins * 20)
-    density = np.exp(log_prob(fine)).reshape(bins * 20, bins * 20)
+    density = np.exp(np.asarray(log_prob(fine), dtype=np.float64)).reshape(bins * 20, bins * 20)
     cell_mass = density.reshape(bins, 20, bins, 20).sum((1, 3))
     expected = cell_mass.ravel() / cell_mass.sum() * len(samples)
     x0, x1, y0, y1 = bounds
