@@ -6,6 +6,14 @@ The public names are the same in ``numpyro_mixvi``. This package never imports J
 from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture
 from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 from pyro_mixvi.guides.cwm import AutoCWM
+from pyro_mixvi.multimodal import (
+    JNF,
+    JNFShared,
+    MoEVAE,
+    PoEVAE,
+    make_circles_squares,
+    make_paired_digits,
+)
 from pyro_mixvi.posteriordb import POSTERIORDB_MODELS, register_posteriordb_model
 from pyro_mixvi.targets import CONJUGATE_MODELS, TARGETS, GaussianMixture, target_model
 
@@ -17,6 +25,12 @@ __all__: list[str] = [
     "RBMixture_ELBO",
     "TARGETS",
     "GaussianMixture",
+    "JNF",
+    "JNFShared",
+    "MoEVAE",
+    "PoEVAE",
+    "make_circles_squares",
+    "make_paired_digits",
     "register_posteriordb_model",
     "target_model",
 ]

@@ -3,7 +3,7 @@ r"""Joint normalizing flows for multimodal VAEs: ``JNF`` and ``JNFShared`` (JAX 
 Stage 1 trains a joint VAE — Gaussian joint encoder ``q(z|X)``, decoders ``p(x_j|z)`` — by the
 β-ELBO through NumPyro's ``SVI`` (networks registered with ``eqx_module``), jitted. Stage 2
 freezes it and fits one conditional masked autoregressive flow ``q_j(z|x_j)`` per modality
-(flowjax ``masked_autoregressive_flow``, condition = an embedding of ``x_j``) by maximizing
+(``numpyro_mixvi.flows.MAF`` over flowjax, condition = an embedding of ``x_j``) by maximizing
 ``log q_j(z|x_j)`` at ``z ~ q(z|X)``. For an observed subset ``S`` the posterior is
 
 .. math:: p(z|X_S) \propto \prod_{j\in S} q_j(z|x_j) \,/\, p(z)^{|S|-1},
@@ -23,9 +23,8 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 import optax
 import paramax
-from flowjax.distributions import Normal as FlowjaxNormal
-from flowjax.flows import masked_autoregressive_flow
 
+from ..flows import MAF
 from ._base import MultimodalVAE, apply, gaussian_encoder, mlp, optax_fit, random_indices
 from .poe import product_of_experts_log_prob, sample_product_of_experts
 
@@ -53,8 +52,8 @@ class JNF(MultimodalVAE):
         likelihood_scale: Decoder scale for normal/Laplace.
         beta: KL weight of stage 1.
         num_transforms: MADE blocks per unimodal flow; at least 1.
-        flow_hidden_dims: Hidden widths inside each MADE block (flowjax uses one width: the
-            largest, with ``len(flow_hidden_dims)`` layers).
+        flow_hidden_dims: Hidden widths inside each MADE block (one repeated width: flowjax
+            MLPs have a single width).
         context_dim: Size of the learned embedding of ``x_j`` that conditions the flow.
 
     Example:
@@ -115,15 +114,13 @@ class JNF(MultimodalVAE):
             mlp(k, d, self.hidden_dims, self.context_dim)
             for k, d in zip(context_keys, self._context_input_dims(), strict=True)
         )
-        dtype = jnp.zeros(()).dtype
         self.flows = tuple(
-            masked_autoregressive_flow(
+            MAF(
                 k,
-                base_dist=FlowjaxNormal(jnp.zeros(self.latent_dim, dtype)),
-                cond_dim=self.context_dim,
-                flow_layers=self.num_transforms,
-                nn_width=max(self.flow_hidden_dims, default=self.context_dim),
-                nn_depth=len(self.flow_hidden_dims),
+                self.latent_dim,
+                context_dim=self.context_dim,
+                num_transforms=self.num_transforms,
+                hidden_dims=self.flow_hidden_dims,
             )
             for k in jax.random.split(keys[3], self.num_modalities)
         )

@@ -2,7 +2,8 @@ r"""Joint normalizing flows for multimodal VAEs: ``JNF`` and ``JNFShared`` (torc
 
 Stage 1 trains a joint VAE — Gaussian joint encoder ``q(z|X)``, decoders ``p(x_j|z)`` — by the
 β-ELBO through Pyro's ``SVI``. Stage 2 freezes it and fits one conditional masked autoregressive
-flow ``q_j(z|x_j)`` per modality (zuko ``MAF``, context = an embedding of ``x_j``) by maximizing
+flow ``q_j(z|x_j)`` per modality (``pyro_mixvi.flows.MAF`` over zuko, context = an embedding
+of ``x_j``) by maximizing
 ``log q_j(z|x_j)`` at ``z ~ q(z|X)``: the forward KL to the joint posterior. For an observed
 subset ``S`` the posterior is the product of experts
 
@@ -21,10 +22,10 @@ from collections.abc import Sequence
 
 import pyro.distributions as dist
 import torch
-import zuko
 from torch import Tensor, nn
 from tqdm.auto import trange
 
+from ..flows import MAF
 from ._base import GaussianEncoder, MultimodalVAE, mlp
 from .poe import product_of_experts_log_prob, sample_product_of_experts
 
@@ -99,11 +100,11 @@ class JNF(MultimodalVAE):
             mlp(d, hidden_dims, context_dim) for d in self._context_input_dims()
         )
         self.flows = nn.ModuleList(
-            zuko.flows.MAF(
+            MAF(
                 latent_dim,
-                context=context_dim,
-                transforms=num_transforms,
-                hidden_features=tuple(flow_hidden_dims),
+                context_dim=context_dim,
+                num_transforms=num_transforms,
+                hidden_dims=tuple(flow_hidden_dims),
             )
             for _ in self.input_dims
         )
