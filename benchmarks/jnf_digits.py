@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import time
@@ -48,7 +49,7 @@ METRICS = (
     "seconds_unimodal", "seconds_inference_2",
 )  # fmt: skip
 SETTINGS = {
-    "full": {"num_steps": 1000, "batch_size": 128, "test_rows": 200, "num_warmup": 100},
+    "full": {"num_steps": 600, "batch_size": 128, "test_rows": 200, "num_warmup": 100},
     "quick": {"num_steps": 150, "batch_size": 64, "test_rows": 60, "num_warmup": 30},
 }
 ARCHITECTURE = {"latent_dim": 8, "hidden_dims": (128, 128), "likelihood_scale": 0.2}
@@ -237,6 +238,41 @@ def run(
     return results
 
 
+def merge(
+    paths: Sequence[str | os.PathLike],
+    *,
+    output_dir: str | os.PathLike | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Combine ``jnf_digits.json`` files of separate runs (e.g. one process per seed) into one.
+
+    The runs must share backend and settings; the summary and claims are recomputed over all.
+    """
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    first = parts[0]
+    for part in parts[1:]:
+        if part["settings"] != first["settings"] or part["backend"] != first["backend"]:
+            raise ValueError("cannot merge runs with different settings or backends")
+    runs = [run for part in parts for run in part["runs"]]
+    summary = report.aggregate(runs, ("model",), METRICS)
+    results = {
+        **first,
+        "metadata": report.metadata(command),
+        "seeds": sorted({run["seed"] for run in runs}),
+        "runs": runs,
+        "summary": summary,
+        "claims": _claims(summary),
+        "merged_from": [str(path) for path in paths],
+    }
+    out = (
+        Path(output_dir)
+        if output_dir
+        else (report.QUICK_RESULTS_DIR if first["quick"] else report.RESULTS_DIR)
+    )
+    report.write_results(NAME, results, out, markdown(results))
+    return results
+
+
 def _claims(summary: list[dict]) -> dict[str, Any]:
     by_model = {row["model"]: row for row in summary}
 
@@ -293,7 +329,16 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--backend", default="pyro", choices=("pyro", "numpyro"))
     parser.add_argument("--output-dir")
+    parser.add_argument("--merge", nargs="+", help="combine these jnf_digits.json files instead")
     args = parser.parse_args()
+    if args.merge:
+        result = merge(
+            args.merge,
+            output_dir=args.output_dir,
+            command="python -m benchmarks.jnf_digits --merge",
+        )
+        print(Path(result["files"]["markdown"]).read_text())
+        raise SystemExit(0)
     result = run(
         quick=args.quick, seeds=args.seeds, backend=args.backend, output_dir=args.output_dir,
         command="python -m benchmarks.jnf_digits" + (" --quick" if args.quick else ""),

@@ -95,7 +95,10 @@ def test_fit_and_generate_shapes(name):
     key = jax.random.key(1)
     # Every inference route (one modality, a NUTS subset, all modalities); generation decodes the
     # same draws, so it is checked on the cheap route only (each NUTS call compiles).
-    for observed in ({0: xs[0][:4]}, [xs[0][:4], None, xs[2][:4]], [x[:4] for x in xs]):
+    routes = [{0: xs[0][:4]}, [xs[0][:4], None, xs[2][:4]], [x[:4] for x in xs]]
+    if name == "JNFShared":  # its NUTS route is JNF's code; each NUTS call compiles (slow)
+        del routes[1]
+    for observed in routes:
         z = model.sample_posterior(key, observed, num_samples=3, **nuts)
         assert z.shape == (3, 4, 2)
     outputs = model.generate(key, {1: xs[1][:4]}, num_samples=3)
