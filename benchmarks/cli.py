@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     pdb.add_argument(
         "--data", help="bench-data root or posteriordb folder (default: standard place)"
     )
+    pdb.add_argument(
+        "--append",
+        action="store_true",
+        help="merge these guides into the existing results file (same budget and seeds)",
+    )
     wave = sub.add_parser("waveform", help="WAVEFORM Bayesian logistic regression against NUTS")
     _add_common(wave)
     _add_fit_options(wave, backends=("pyro", "numpyro"))
@@ -105,7 +110,7 @@ def _run_benchmark(name: str, args: argparse.Namespace, command: str) -> dict:
             progress_bar=not args.no_progress,
             command=command,
         )
-    for extra in ("posteriors", "data", "dims"):
+    for extra in ("posteriors", "data", "dims", "append"):
         if getattr(args, extra, None) is not None:
             options[extra] = getattr(args, extra)
     return module.run(**options)

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -95,6 +96,7 @@ def run(
     budget: Budget | None = None,
     progress_bar: bool = True,
     command: str | None = None,
+    append: bool = False,
 ) -> dict[str, Any]:
     """Run the posteriordb benchmark and write ``posteriordb-<backend>.json``/``.md``/``.png``.
 
@@ -109,12 +111,16 @@ def run(
         budget: Overrides the default (or quick) budget.
         progress_bar: Show a tqdm bar over the runs.
         command: Recorded in the metadata; default the command line.
+        append: Merge into the results file already in ``output_dir`` (same backend, budget
+            and seeds): its runs of other guides are kept, this run's guides replace theirs.
+            Adds a guide to committed results without refitting the others.
 
     Returns:
         ``metadata``, ``backend``, ``budget``, ``seeds``, ``runs`` (one dict per fit), ``summary``
         (mean/sd/min/max over seeds per posterior and guide), ``winners`` (by sliced W2) and
         ``skipped`` (guides or posteriors left out, with the reason).
     """
+    metadata = report.metadata(command)  # the code that runs, before anything is committed
     backend = backend or default_backend()
     seeds = tuple(seeds or (QUICK_SEEDS if quick else SEEDS))
     budget = budget or (QUICK_BUDGET if quick else BUDGET)
@@ -137,34 +143,81 @@ def run(
                     bar.set_postfix_str(f"{name} {spec.name} seed={seed}")
                     runs.append(_one_run(entry, builders[name], spec, budget, seed))
                     bar.update()
-    summary = report.aggregate(runs, ("posterior", "guide"), METRICS)
-    results = {
-        "benchmark": NAME,
-        "metadata": report.metadata(command),
-        "backend": backend,
-        "quick": quick,
-        "data": str(root / "posteriordb"),
-        "budget": budget._asdict(),
-        "seeds": list(seeds),
-        "guides": [s.name for s in specs],
-        "skipped": {"guides": skipped_guides, "posteriors": skipped_posteriors},
-        "runs": runs,
-        "summary": summary,
-        "winners": report.winners(
-            summary, group="posterior", contender="guide", metric="sliced_w2"
-        ),
-    }
     out = (
         Path(output_dir)
         if output_dir
         else (report.QUICK_RESULTS_DIR if quick else report.RESULTS_DIR)
     )
-    has_numbers = any(math.isfinite(r["sliced_w2"]["mean"]) for r in summary)
-    draw = (lambda path: plot(results, path)) if has_numbers else None
-    report.write_results(
-        results_name(backend), results, out, markdown(results, with_plot=has_numbers), plot=draw
+    results = _summarize(
+        {
+            "benchmark": NAME,
+            "metadata": metadata,
+            "backend": backend,
+            "quick": quick,
+            "data": str(root / "posteriordb"),
+            "budget": budget._asdict(),
+            "seeds": list(seeds),
+            "guides": [s.name for s in specs],
+            "skipped": {"guides": skipped_guides, "posteriors": skipped_posteriors},
+            "runs": runs,
+        }
+    )
+    if append:
+        path = out / f"{results_name(backend)}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--append: no earlier results at {path}; run without it")
+        results = merge_results(json.loads(path.read_text()), results)
+    write(results, out)
+    return results
+
+
+def _summarize(results: dict[str, Any]) -> dict[str, Any]:
+    summary = report.aggregate(results["runs"], ("posterior", "guide"), METRICS)
+    results["summary"] = summary
+    results["winners"] = report.winners(
+        summary, group="posterior", contender="guide", metric="sliced_w2"
     )
     return results
+
+
+def merge_results(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """``later``'s runs plus ``earlier``'s runs of the guides ``later`` did not fit, re-summarized.
+
+    The merged metadata is ``later``'s, listing ``earlier``'s under ``"earlier"``.
+
+    Raises:
+        ValueError: If the two differ in backend, budget or seeds (the guides would not be
+            comparable).
+    """
+    for key in ("backend", "budget", "seeds"):
+        if earlier[key] != later[key]:
+            raise ValueError(
+                f"cannot merge posteriordb results with different {key}: "
+                f"{earlier[key]} vs {later[key]}; rerun with the same {key}"
+            )
+    refit = set(later["guides"])
+    guides = [g for g in earlier["guides"] if g not in refit] + later["guides"]
+    skipped = {**earlier["skipped"]["guides"], **later["skipped"]["guides"]}
+    metadata = dict(later["metadata"])
+    earlier_meta = dict(earlier["metadata"])
+    metadata["earlier"] = [*earlier_meta.pop("earlier", []), earlier_meta]
+    merged = dict(later, metadata=metadata, guides=guides)
+    merged["skipped"] = {
+        "guides": {k: v for k, v in skipped.items() if k not in guides},
+        "posteriors": later["skipped"]["posteriors"],
+    }
+    merged["runs"] = [r for r in earlier["runs"] if r["guide"] not in refit] + later["runs"]
+    return _summarize(merged)
+
+
+def write(results: dict[str, Any], output_dir: str | os.PathLike) -> dict[str, str]:
+    """Write ``posteriordb-<backend>.json``/``.md``/``.png`` for ``results`` into ``output_dir``."""
+    has_numbers = any(math.isfinite(r["sliced_w2"]["mean"]) for r in results["summary"])
+    draw = (lambda path: plot(results, path)) if has_numbers else None
+    text = markdown(results, with_plot=has_numbers)
+    return report.write_results(
+        results_name(results["backend"]), results, output_dir, text, plot=draw
+    )
 
 
 def _cell(stat: dict) -> str:

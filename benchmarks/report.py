@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -76,11 +77,17 @@ def metadata(command: str | None = None) -> dict[str, Any]:
 def metadata_markdown(meta: dict[str, Any]) -> str:
     """The provenance lines printed above every results table."""
     versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
-    return (
+    lines = [
         f"Command: `{meta['command']}`  \n"
         f"Commit: `{meta['commit']}` · Machine: {meta['machine']} · Date: {meta['date']}  \n"
         f"Versions: {versions}\n"
-    )
+    ]
+    for earlier in meta.get("earlier", []):
+        lines.append(
+            f"Merged with the runs of the other guides from: `{earlier['command']}` "
+            f"(commit `{earlier['commit']}`, {earlier['date']})\n"
+        )
+    return "".join(lines)
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -240,7 +247,10 @@ def write_docs_page(
     results_dir: str | os.PathLike = RESULTS_DIR, path: str | os.PathLike = DOCS_PAGE
 ) -> Path:
     """Assemble the docs page from every ``<results_dir>/*.md`` (benchmarks first, then the seed
-    reproductions), each under the command, commit, machine and date that produced it."""
+    reproductions), each under the command, commit, machine and date that produced it.
+
+    Plots referenced by a section are copied to ``<page folder>/benchmarks/`` (the docs site
+    serves only files under ``docs/``)."""
     folder = Path(results_dir)
     names = sorted(p.stem for p in folder.glob("*.md"))
     rank = {prefix: i for i, prefix in enumerate(PAGE_ORDER)}
@@ -250,9 +260,13 @@ def write_docs_page(
         text = (folder / f"{name}.md").read_text().strip()
         if not text.startswith("#"):
             text = f"## {name}\n\n{text}"
-        # Plots are linked relative to the results folder; point them there from the page.
-        relative = os.path.relpath(folder, Path(path).parent)
-        text = text.replace(f"]({name}.png)", f"]({relative}/{name}.png)")
+        # The docs site only serves files under docs/: copy the plot next to the page.
+        plot = folder / f"{name}.png"
+        if f"]({name}.png)" in text and plot.is_file():
+            images = Path(path).parent / "benchmarks"
+            images.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(plot, images / plot.name)
+            text = text.replace(f"]({name}.png)", f"](benchmarks/{name}.png)")
         parts.append(text + "\n")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

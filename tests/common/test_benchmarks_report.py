@@ -64,11 +64,13 @@ def test_docs_page_orders_sections_and_links_plots(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     (results / "timing.md").write_text("## Timing\n\n![t](timing.png)\n")
+    (results / "timing.png").write_bytes(b"png")
     (results / "posteriordb.md").write_text("## posteriordb\n\ntable\n")
     (results / "amf.md").write_text("AMF table\n")
     page = report.write_docs_page(results, tmp_path / "docs" / "benchmarks.md").read_text()
     assert page.index("## posteriordb") < page.index("## Timing") < page.index("## amf")
-    assert "](../results/timing.png)" in page
+    assert "](benchmarks/timing.png)" in page
+    assert (tmp_path / "docs" / "benchmarks" / "timing.png").read_bytes() == b"png"
 
 
 def test_discovers_reproductions_without_importing(tmp_path):

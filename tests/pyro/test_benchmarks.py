@@ -109,6 +109,26 @@ def test_posteriordb_run_writes_results(problem, tmp_path):
     assert row["min_sd_ratio"]["mean"] == pytest.approx(problem.meanfield_sd_ratio.min(), rel=0.2)
 
 
+def test_append_adds_a_guide_to_earlier_results(problem, tmp_path):
+    budget = Budget(num_steps=20, num_particles=2, learning_rate=0.05, num_draws=100)
+    options = dict(data=problem.root, seeds=(0,), output_dir=tmp_path, progress_bar=False)
+    posteriordb.run(guides=["AutoNormal"], budget=budget, backend="pyro", **options)
+    merged = posteriordb.run(
+        guides=["AutoMultivariateNormal"], budget=budget, backend="pyro", append=True, **options
+    )
+    assert merged["guides"] == ["AutoNormal", "AutoMultivariateNormal"]
+    assert {r["guide"] for r in merged["runs"]} == {"AutoNormal", "AutoMultivariateNormal"}
+    assert len(merged["metadata"]["earlier"]) == 1
+    on_disk = json.loads((tmp_path / "posteriordb-pyro.json").read_text())
+    assert len(on_disk["summary"]) == 2
+    assert "Merged with the runs" in (tmp_path / "posteriordb-pyro.md").read_text()
+    with pytest.raises(ValueError, match="different budget"):
+        posteriordb.run(
+            guides=["AutoIAFNormal"], budget=budget._replace(num_steps=21), backend="pyro",
+            append=True, **options,
+        )  # fmt: skip
+
+
 def test_failing_guide_is_reported_not_fatal(problem, tmp_path):
     def broken(data):
         raise ValueError("model builder failed on purpose")
