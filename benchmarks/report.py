@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -243,6 +244,21 @@ register_guide("MyGuide", "pyro", "mypkg:MyGuide", elbo="mypkg:My_ELBO", num_com
 """
 
 
+def _copy_images(text: str, results: Path, docs: Path) -> str:
+    """Copy images linked as ``](file.png)`` from ``results`` to ``docs/benchmarks/`` and relink
+    them (the docs site serves only files under ``docs/``)."""
+
+    def relink(match: re.Match) -> str:
+        source = results / match.group(1)
+        if not source.is_file():
+            return match.group(0)
+        (docs / "benchmarks").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, docs / "benchmarks" / source.name)
+        return f"](benchmarks/{source.name})"
+
+    return re.sub(r"\]\(([\w.-]+\.(?:png|svg|jpg))\)", relink, text)
+
+
 def write_docs_page(
     results_dir: str | os.PathLike = RESULTS_DIR, path: str | os.PathLike = DOCS_PAGE
 ) -> Path:
@@ -258,15 +274,11 @@ def write_docs_page(
     parts = [PAGE_HEADER]
     for name in ordered:
         text = (folder / f"{name}.md").read_text().strip()
+        if re.search(r"^# ", text, flags=re.M):  # one H1 per page: demote the section's headings
+            text = re.sub(r"^(#+) ", r"#\1 ", text, flags=re.M)
         if not text.startswith("#"):
             text = f"## {name}\n\n{text}"
-        # The docs site only serves files under docs/: copy the plot next to the page.
-        plot = folder / f"{name}.png"
-        if f"]({name}.png)" in text and plot.is_file():
-            images = Path(path).parent / "benchmarks"
-            images.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(plot, images / plot.name)
-            text = text.replace(f"]({name}.png)", f"](benchmarks/{name}.png)")
+        text = _copy_images(text, folder, Path(path).parent)
         parts.append(text + "\n")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

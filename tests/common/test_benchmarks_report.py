@@ -67,8 +67,10 @@ def test_docs_page_orders_sections_and_links_plots(tmp_path):
     (results / "timing.png").write_bytes(b"png")
     (results / "posteriordb.md").write_text("## posteriordb\n\ntable\n")
     (results / "amf.md").write_text("AMF table\n")
+    (results / "cwm_euler.md").write_text("# CWM\n\n## Table\n")
     page = report.write_docs_page(results, tmp_path / "docs" / "benchmarks.md").read_text()
     assert page.index("## posteriordb") < page.index("## Timing") < page.index("## amf")
+    assert "\n## CWM\n" in page and "\n### Table\n" in page and page.count("\n# ") == 0
     assert "](benchmarks/timing.png)" in page
     assert (tmp_path / "docs" / "benchmarks" / "timing.png").read_bytes() == b"png"
 
