@@ -157,9 +157,6 @@ class JNF(MultimodalVAE):
             FloatingPointError: If a loss is non-finite (names the step).
         """
         xs = self._check_complete(data)
-        frozen = [*self.joint_encoder.parameters(), *self.decoders.parameters()]
-        for parameter in frozen:
-            parameter.requires_grad_(False)
         optimizer = torch.optim.Adam(self._stage2_parameters(), lr=learning_rate)
         losses = []
         for step in trange(num_steps, disable=not progress_bar, desc="stage 2 (unimodal flows)"):
@@ -167,7 +164,8 @@ class JNF(MultimodalVAE):
                 0, xs[0].shape[0], (min(batch_size, xs[0].shape[0]),), generator=generator
             )
             batch = [x[index] for x in xs]
-            loc, scale = self.joint_encoder(torch.cat(batch, dim=-1))
+            with torch.no_grad():  # the joint VAE is frozen: only the flows get gradients
+                loc, scale = self.joint_encoder(torch.cat(batch, dim=-1))
             noise = torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
             z = loc + scale * noise
             loss = -sum(
@@ -376,7 +374,7 @@ class JNFShared(JNF):
         generator: torch.Generator | None = None,
         progress_bar: bool = False,
     ) -> Tensor:
-        """Stage 0: train the projections ``g_j`` contrastively, then freeze them.
+        """Stage 0: train the projections ``g_j`` contrastively (later stages only read them).
 
         Returns:
             Per-step InfoNCE losses, shape ``(num_steps,)``.
@@ -393,8 +391,6 @@ class JNFShared(JNF):
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
-        for parameter in self.projectors.parameters():
-            parameter.requires_grad_(False)
         return torch.stack(losses)
 
     def fit(self, data: Sequence[Tensor], **kwargs) -> dict[str, Tensor]:

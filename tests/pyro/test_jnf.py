@@ -192,3 +192,17 @@ def test_moe_guide_scores_with_the_mixture_and_draws_from_its_expert():
     draws = site.rsample(torch.Size([4000]))
     # Mean of expert 1 within 5 standard errors (scale / sqrt(4000)).
     assert ((draws.mean(0) - loc).abs() < 5 * scale / np.sqrt(4000)).all()
+
+
+def test_stage2_leaves_the_joint_vae_untouched():
+    xs = [torch.randn(40, 5), torch.randn(40, 3)]
+    jnf = JNF([5, 3], latent_dim=2, hidden_dims=(8,))
+    frozen = {
+        k: v.clone() for k, v in jnf.state_dict().items() if not k.startswith(("flows", "context"))
+    }
+    flows = {k: v.clone() for k, v in jnf.flows.state_dict().items()}
+    jnf.fit_unimodal(xs, num_steps=5, batch_size=16, learning_rate=1e-2)
+    after = jnf.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    assert any(not torch.equal(jnf.flows.state_dict()[k], v) for k, v in flows.items())
+    assert all(p.grad is None for p in jnf.joint_encoder.parameters())
