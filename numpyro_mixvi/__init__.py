@@ -3,6 +3,7 @@
 The public names are the same in ``pyro_mixvi``. This package never imports torch.
 """
 
+from numpyro_mixvi.diagnostics import log_evidence, psis_diagnostic
 from numpyro_mixvi.distributions.cwm import ClassifierWeightedMixture
 from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 from numpyro_mixvi.guides.cwm import AutoCWM
@@ -30,7 +31,9 @@ __all__: list[str] = [
     "MoEVAE",
     "PoEVAE",
     "make_circles_squares",
+    "log_evidence",
     "make_paired_digits",
+    "psis_diagnostic",
     "register_posteriordb_model",
     "target_model",
 ]

@@ -3,6 +3,7 @@
 The public names are the same in ``numpyro_mixvi``. This package never imports JAX.
 """
 
+from pyro_mixvi.diagnostics import log_evidence, psis_diagnostic
 from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture
 from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 from pyro_mixvi.guides.cwm import AutoCWM
@@ -30,7 +31,9 @@ __all__: list[str] = [
     "MoEVAE",
     "PoEVAE",
     "make_circles_squares",
+    "log_evidence",
     "make_paired_digits",
+    "psis_diagnostic",
     "register_posteriordb_model",
     "target_model",
 ]

@@ -11,7 +11,7 @@ import numpyro_mixvi  # noqa: E402
 import pyro_mixvi  # noqa: E402
 
 # Arguments that only one host has (Pyro's create_plates, NumPyro's prefix and rng keys).
-HOST_ONLY = {"create_plates", "prefix", "rng_key", "generator", "self", "args", "kwargs"}
+HOST_ONLY = {"create_plates", "prefix", "rng_key", "params", "generator", "self", "args", "kwargs"}
 
 
 # Names one backend exports before the other has them, each with the reason. A name listed here
