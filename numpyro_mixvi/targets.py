@@ -84,11 +84,23 @@ class _Target(Distribution):
         self.dim = int(dim)
         super().__init__(batch_shape=(), event_shape=(self.dim,), validate_args=validate_args)
 
+    def log_prob(self, value):
+        # One compiled function per target class and input shape (eager JAX would compile each
+        # primitive separately); inside an outer jit/vmap this is simply inlined.
+        return _jit_log_prob(self, value)
+
+    def sample(self, key, sample_shape=()):
+        return _jit_sample(self, key, tuple(sample_shape))
+
     def entropy(self):
         """Differential entropy in nats (the oracle NLL); exact or documented numeric value."""
         if self._entropy is None:
             raise NotImplementedError(f"{type(self).__name__} has no known entropy")
         return jnp.asarray(self._entropy, dtype=_float_dtype())
+
+
+_jit_log_prob = jax.jit(lambda target, value: target._log_prob(value))
+_jit_sample = jax.jit(lambda target, key, shape: target._sample(key, shape), static_argnums=2)
 
 
 class Banana(_Target):
@@ -108,13 +120,13 @@ class Banana(_Target):
     def __init__(self, *, validate_args=None):
         super().__init__(2, validate_args=validate_args)
 
-    def log_prob(self, value):
+    def _log_prob(self, value):
         y1 = value[..., 0]
         y2 = value[..., 0] ** 2 + value[..., 1] + 1
         quad = (y1**2 - 1.8 * y1 * y2 + y2**2) / 0.19
         return -0.5 * quad - LOG_2PI - 0.5 * math.log(0.19)
 
-    def sample(self, key, sample_shape=()):
+    def _sample(self, key, sample_shape):
         eps = jax.random.normal(key, tuple(sample_shape) + (2,), _float_dtype())
         y1 = eps[..., 0]
         y2 = 0.9 * eps[..., 0] + math.sqrt(0.19) * eps[..., 1]
@@ -169,11 +181,11 @@ class GaussianMixture(_Target):
         return dist.MultivariateNormal(self.locs.astype(dtype),
                                        covariance_matrix=self.covariances.astype(dtype))
 
-    def log_prob(self, value):
+    def _log_prob(self, value):
         component_lp = self._components(value.dtype).log_prob(value[..., None, :])
         return logsumexp(component_lp + jnp.log(self.weights.astype(value.dtype)), -1)
 
-    def sample(self, key, sample_shape=()):
+    def _sample(self, key, sample_shape):
         key_index, key_draw = jax.random.split(key)
         shape = tuple(sample_shape)
         index = jax.random.categorical(key_index, jnp.log(self.weights), shape=shape)
@@ -280,12 +292,12 @@ class Rings(_Target):
         terms = jnp.stack([_normal_log_prob(r, c, self.width) for c in self.radii], -1)
         return logsumexp(terms, -1) - math.log(len(self.radii))
 
-    def log_prob(self, value):
+    def _log_prob(self, value):
         r = jnp.linalg.norm(value, axis=-1)
         radial = jnp.logaddexp(self._log_radial(r), self._log_radial(-r))
         return radial - math.log(2 * math.pi) - jnp.log(r)
 
-    def sample(self, key, sample_shape=()):
+    def _sample(self, key, sample_shape):
         shape = tuple(sample_shape)
         key_ring, key_r, key_theta = jax.random.split(key, 3)
         dtype = _float_dtype()
@@ -333,7 +345,7 @@ class TwoMoons(_Target):
         self.noise = float(noise)
         self._entropy = 1.0076 if self.noise == 0.1 else None
         nodes, log_w = _gauss_legendre(0.0, math.pi, 10, 16)
-        self._nodes, self._log_weights = nodes, log_w - math.log(math.pi)
+        self._nodes, self._log_weights = tuple(nodes), tuple(log_w - math.log(math.pi))
         super().__init__(2, validate_args=validate_args)
 
     @staticmethod
@@ -342,14 +354,14 @@ class TwoMoons(_Target):
         lower = jnp.stack([1 - jnp.cos(t), 0.5 - jnp.sin(t)], -1)
         return jnp.stack([upper, lower])  # (2, ..., 2)
 
-    def log_prob(self, value):
+    def _log_prob(self, value):
         centres = self._arcs(jnp.asarray(self._nodes, value.dtype))  # (2, M, 2)
         sq = ((value[..., None, None, :] - centres) ** 2).sum(-1)  # (..., 2, M)
         log_kernel = -0.5 * sq / self.noise**2 - LOG_2PI - 2 * math.log(self.noise)
         log_w = jnp.asarray(self._log_weights, value.dtype)
         return logsumexp(log_kernel + log_w, axis=(-2, -1)) - math.log(2)
 
-    def sample(self, key, sample_shape=()):
+    def _sample(self, key, sample_shape):
         shape = tuple(sample_shape)
         key_t, key_arc, key_noise = jax.random.split(key, 3)
         dtype = _float_dtype()
@@ -385,10 +397,11 @@ class AMFBanana(_Target):
         self.noise = float(noise)
         self._entropy = {0.1: 3.1944, 0.0: 1 + LOG_2PI + 0.5 * math.log(2)}.get(self.noise)
         nodes, weights = np.polynomial.hermite.hermgauss(40)
-        self._nodes, self._log_weights = nodes * math.sqrt(2), np.log(weights / math.sqrt(math.pi))
+        self._nodes = tuple(nodes * math.sqrt(2))
+        self._log_weights = tuple(np.log(weights / math.sqrt(math.pi)))
         super().__init__(2, validate_args=validate_args)
 
-    def log_prob(self, value):
+    def _log_prob(self, value):
         y1, y2 = value[..., 0], value[..., 1]
         if self.noise == 0:
             return _normal_log_prob(y1, 0, math.sqrt(2)) + _normal_log_prob(y2, y1**2 / 4, 1.0)
@@ -399,7 +412,7 @@ class AMFBanana(_Target):
         inner = logsumexp(inner + jnp.asarray(self._log_weights, value.dtype), -1)
         return _normal_log_prob(y1, 0, math.sqrt(2 + self.noise**2)) + inner
 
-    def sample(self, key, sample_shape=()):
+    def _sample(self, key, sample_shape):
         key_x, key_noise = jax.random.split(key)
         shape = tuple(sample_shape) + (2,)
         eps = jax.random.normal(key_x, shape, _float_dtype())
@@ -429,12 +442,12 @@ class Funnel(_Target):
         if self.dim == 2:
             self.bounds = (-9.0, 9.0, -15.0, 15.0)
 
-    def log_prob(self, value):
+    def _log_prob(self, value):
         x1, rest = value[..., 0], value[..., 1:]
         scale = jnp.exp(x1 / 2)[..., None]
         return _normal_log_prob(x1, 0, 3.0) + _normal_log_prob(rest, 0, scale).sum(-1)
 
-    def sample(self, key, sample_shape=()):
+    def _sample(self, key, sample_shape):
         eps = jax.random.normal(key, tuple(sample_shape) + (self.dim,), _float_dtype())
         x1 = 3 * eps[..., :1]
         return jnp.concatenate([x1, jnp.exp(x1 / 2) * eps[..., 1:]], -1)

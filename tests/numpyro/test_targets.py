@@ -31,14 +31,16 @@ TWO_D = [name for name, make in TARGETS.items() if make().dim == 2 and make().bo
 ENTROPY_ERROR = 5e-4
 
 
-def numpy_log_prob(target, chunk=4096):
-    """numpy -> numpy log density (input cast to the default float), evaluated in chunks."""
-    log_prob = jax.jit(target.log_prob)
+def numpy_log_prob(target, chunk=16384):
+    """numpy -> numpy log density (input cast to the default float), in equal padded chunks so
+    the target's compiled ``log_prob`` is reused."""
 
     def call(points):
-        x = jnp.asarray(points, dtype=jnp.result_type(float))
-        parts = [log_prob(x[i:i + chunk]) for i in range(0, len(x), chunk)]
-        return np.asarray(jnp.concatenate(parts), dtype=np.float64)
+        x = np.asarray(points, dtype=jnp.result_type(float))
+        padded = np.concatenate([x, np.repeat(x[:1], -len(x) % chunk, 0)])
+        parts = [target.log_prob(jnp.asarray(padded[i:i + chunk]))
+                 for i in range(0, len(padded), chunk)]
+        return np.asarray(jnp.concatenate(parts), dtype=np.float64)[:len(x)]
 
     return call
 
@@ -75,7 +77,8 @@ def test_samples_match_density(name, x64):
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_entropy_matches_monte_carlo(name, f64):
     target = TARGETS[name]()
-    nll = -np.asarray(target.log_prob(target.sample(jax.random.PRNGKey(1), (40000,))))
+    nll = -np.asarray(jax.jit(lambda d, key: d.log_prob(d.sample(key, (40000,))))(
+        target, jax.random.PRNGKey(1)))
     entropy = float(target.entropy())
     # MC error from the sample standard deviation (4 SE) plus the documented numeric error.
     se = float(nll.std()) / math.sqrt(len(nll))
@@ -89,9 +92,18 @@ def test_shapes_and_dtype(name, x64):
     assert x.shape == (2, 3, target.dim) and x.dtype == float_dtype()
     assert target.log_prob(x).shape == (2, 3) and target.log_prob(x).dtype == float_dtype()
     assert target.event_shape == (target.dim,) and target.batch_shape == ()
-    # jit-safe: the target passes through jit as a pytree
+
+
+@pytest.mark.parametrize("name", ["banana", "x_shape", "rings", "two_moons", "amf_banana",
+                                  "funnel", "correlated_gaussian"])
+def test_target_is_a_jittable_pytree(name):
+    """Each target class passes through ``jit`` as a pytree (one compile per class)."""
+    target = TARGETS[name]()
+    x = target.sample(jax.random.PRNGKey(0), (4,))
     jitted = jax.jit(lambda d, v: d.log_prob(v))(target, x)
     np.testing.assert_allclose(jitted, target.log_prob(x), rtol=1e-5)
+    draws = jax.jit(lambda d, k: d.sample(k, (4,)))(target, jax.random.PRNGKey(1))
+    assert draws.shape == (4, target.dim)
 
 
 def test_banana_is_gaussian_in_y(x64):
@@ -153,7 +165,8 @@ def test_funnel_moments_and_density(x64):
 
 def test_correlated_gaussian_moments(x64):
     target = CorrelatedGaussian(4, 0.8)
-    x = np.asarray(target.sample(jax.random.PRNGKey(0), (40000,)), np.float64)
+    draws = jax.jit(lambda d, key: d.sample(key, (40000,)))(target, jax.random.PRNGKey(0))
+    x = np.asarray(draws, np.float64)
     cov = np.cov(x.T)
     # sampling sd of a covariance entry: sqrt((1 + rho^2) / n) <= 0.0071; 5 sd.
     np.testing.assert_allclose(cov, 0.2 * np.eye(4) + 0.8, atol=0.036)
@@ -225,7 +238,7 @@ def test_conjugate_posterior_and_evidence(name, f64):
     half = (edges[1:] - edges[:-1])[:, None] / 2
     nodes = jnp.asarray((edges[:-1, None] + half * (x + 1)).ravel())
     log_w = jnp.asarray(np.log((half * w).ravel()))
-    log_joint = _log_joint_on_grid(case, site, nodes)
+    log_joint = jax.jit(lambda grid: _log_joint_on_grid(case, site, grid))(nodes)
     log_evidence = float(jax.nn.logsumexp(log_joint + log_w, 0))
     assert log_evidence == pytest.approx(case.log_evidence, abs=1e-8)
     post = np.exp(np.asarray(log_joint) - log_evidence)
