@@ -39,8 +39,11 @@ venv312:
 	@if [ -n "$(PYTHON312)" ]; then $(MAKE) $(VENV312)/.installed; \
 	else echo "Python 3.12 not found: the NumPyro / ArviZ 1.x leg cannot run (set PYTHON312=...)."; fi
 
+# The NumPyro logistic-regression tutorial at small budgets: NUTS reference, every guide compared,
+# ArviZ summary, LOO with k-hat; figures saved under demo_output/.
 demo: venv
-	$(VENV)/bin/python tutorials/demo.py
+	MIXVI_TUTORIAL_QUICK=1 MIXVI_TUTORIAL_OUTPUT=demo_output $(VENV)/bin/python tutorials/numpyro_logistic_regression.py
+	@echo "figures: $$(ls demo_output/*.png | tr '\n' ' ')"
 
 # Python 3.11: Pyro backend, shared numpy code, ArviZ 0.x, and the cross-backend parity checks.
 test-311: venv

@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 from sklearn.datasets import make_circles, make_moons
 
-from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture
+from pyro_mixvi import ClassifierWeightedMixture
 
 QUICK = os.environ.get("MIXVI_TUTORIAL_QUICK", "0") == "1"
 OUTPUT = os.environ.get("MIXVI_TUTORIAL_OUTPUT")

@@ -37,9 +37,8 @@ from pyro.infer.reparam import LocScaleReparam
 
 import mixvi
 from mixvi.psis import pareto_khat
-from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
-from pyro_mixvi.elbos.sivi import SIVI_ELBO
-from pyro_mixvi.guides.cwm import AutoCWM
+from pyro_mixvi import AutoCWM, RBMixture_ELBO
+from pyro_mixvi.elbos.sivi import SIVI_ELBO  # not yet exported at the top level
 from pyro_mixvi.guides.sivi import AutoSIVI
 
 QUICK = os.environ.get("MIXVI_TUTORIAL_QUICK", "0") == "1"
