@@ -216,9 +216,10 @@ print(table.to_string())
 # %%
 best = max(GUIDES, key=lambda name: fits[name][0]["held-out lpd"])
 _, guide, draws, log_p, log_q = fits[best]
+pointwise = pointwise_log_likelihood(draws, x_train, y_train)
 idata = from_draws(
     draws,
-    log_likelihood={"y": pointwise_log_likelihood(draws, x_train, y_train)},
+    log_likelihood={"y": pointwise},
     observed_data={"y": y_train.numpy()},
     log_p=log_p,
     log_q=log_q,
@@ -237,6 +238,15 @@ if hasattr(az, "loo_approximate_posterior"):
 else:
     loo = az.loo(idata, pointwise=True)
 print(loo)
+pointwise_elpd = np.asarray(getattr(loo, "loo_i", getattr(loo, "elpd_i", np.zeros(1))))
+if not np.all(np.isfinite(pointwise_elpd)):
+    bad = np.flatnonzero(~np.isfinite(pointwise_elpd)).tolist()
+    spread = np.ptp(pointwise[:, bad], axis=0)
+    print(
+        f"No Pareto tail could be fit for observations {bad}: their log-likelihood varies by "
+        f"only {spread.max():.1e} across the draws (predicted with certainty), so the PSIS "
+        "weights are all equal and this ArviZ reports elpd_loo as NaN for them."
+    )
 az.plot_khat(loo)
 save(plt.gcf(), "khat.png")
 
