@@ -33,7 +33,8 @@ class RBMixture_ELBO(ELBO):  # noqa: N801 (Pyro's ELBO spelling)
     and their weights (``sample_components``, see :mod:`numpyro_mixvi.guides.base`); the model
     is evaluated at all ``N * K`` points with one ``vmap``, so observed sites, ``factor`` and
     subsample scaling are respected. The estimator is differentiable in every guide parameter,
-    including the classifier, and unbiased for the ELBO and its gradient. ``loss`` is pure JAX:
+    including the classifier, and unbiased for the ELBO and its gradient; unlike the
+    score-function gradient its variance does not grow with ``log Z``. ``loss`` is pure JAX:
     ``SVI.update`` and ``SVI.run`` (with or without a progress bar) jit the whole step.
 
     Shapes:

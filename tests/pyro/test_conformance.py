@@ -38,6 +38,14 @@ from pyro.infer.autoguide import (  # noqa: E402
 from pyro.optim import ClippedAdam  # noqa: E402
 from pyro.poutine.util import site_is_subsample  # noqa: E402
 
+from pyro_mixvi import AutoCWM, RBMixture_ELBO  # noqa: E402
+
+
+def _rb_mixture_elbo(*, num_particles=1, vectorize_particles=True, max_plate_nesting=math.inf):
+    """RBMixture_ELBO is always vectorized (one model run over all N * K points)."""
+    return RBMixture_ELBO(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
+
+
 
 class GuideCase(NamedTuple):
     """One guide under test.
@@ -81,6 +89,13 @@ CASES = [
         param_store=False,
         num_steps=400,
         lr=0.02,
+    ),
+    GuideCase(
+        "AutoCWM",
+        partial(AutoCWM, num_components=3, hidden_dims=(8,)),
+        _rb_mixture_elbo,
+        has_median=False,
+        has_quantiles=False,
     ),
 ]
 
