@@ -9,7 +9,7 @@ exact when each ``q_j`` is the true ``p(z|x_j)`` and the modalities are conditio
 given ``z``. The power is ``|S| - 1`` (MultiVae's ``main`` divides once, wrong for ``|S| > 2``;
 ``tests/numpyro/test_jnf_poe.py`` pins ours).
 
-Functions:
+Contents:
     :func:`product_of_experts_log_prob` — the unnormalized log-density above.
     :func:`gaussian_product_of_experts` — closed form for diagonal Gaussian experts times
     ``p(z)^{prior_power}``.
