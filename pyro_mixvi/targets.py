@@ -485,6 +485,11 @@ class CorrelatedGaussian(dist.MultivariateNormal):
         if self.dim == 2:
             self.bounds = (-4.5, 4.5, -4.5, 4.5)
 
+    def expand(self, batch_shape, _instance=None) -> dist.MultivariateNormal:
+        """A plain ``MultivariateNormal`` with this mean and covariance, expanded."""
+        base = dist.MultivariateNormal(self.loc, scale_tril=self.scale_tril)
+        return base.expand(batch_shape, _instance)
+
 
 def target_model(target: TorchDistribution, *, name: str = "x") -> Callable[[], torch.Tensor]:
     """A Pyro model ``model()`` with one latent site ``name ~ target``: its posterior is the target.

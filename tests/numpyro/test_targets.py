@@ -243,3 +243,17 @@ def test_conjugate_posterior_and_evidence(name, f64):
     assert log_evidence == pytest.approx(case.log_evidence, abs=1e-8)
     post = np.exp(np.asarray(log_joint) - log_evidence)
     np.testing.assert_allclose(post, np.exp(posterior.log_prob(nodes)), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["banana", "two_moons", "funnel", "correlated_gaussian"])
+def test_target_model_takes_an_svi_step(name):
+    """``target_model`` is a model an autoguide fits (one model per target class kind)."""
+    import numpyro
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer.autoguide import AutoNormal
+
+    model = target_model(TARGETS[name]())
+    svi = SVI(model, AutoNormal(model), numpyro.optim.Adam(0.01), Trace_ELBO(num_particles=4))
+    state = svi.init(jax.random.PRNGKey(0))
+    _, loss = svi.update(state)
+    assert math.isfinite(float(loss))

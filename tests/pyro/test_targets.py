@@ -218,3 +218,16 @@ def test_conjugate_posterior_and_evidence(name):
     assert log_evidence == pytest.approx(case.log_evidence, abs=1e-8)
     post = (log_joint - log_evidence).exp()
     torch.testing.assert_close(post, posterior.log_prob(nodes).exp(), rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_target_model_takes_an_svi_step(name):
+    """``target_model`` is a model an autoguide fits, with vectorized particles."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.infer.autoguide import AutoNormal
+
+    model = target_model(TARGETS[name]())
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=0)
+    svi = SVI(model, AutoNormal(model), pyro.optim.Adam({"lr": 0.01}), elbo)
+    assert math.isfinite(svi.step())
