@@ -3,6 +3,7 @@
 The public names are the same in ``pyro_mixvi``. This package never imports torch.
 """
 
+from numpyro_mixvi.arviz import to_arviz
 from numpyro_mixvi.diagnostics import log_evidence, psis_diagnostic
 from numpyro_mixvi.distributions.cwm import ClassifierWeightedMixture
 from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
@@ -36,4 +37,5 @@ __all__: list[str] = [
     "psis_diagnostic",
     "register_posteriordb_model",
     "target_model",
+    "to_arviz",
 ]

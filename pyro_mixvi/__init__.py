@@ -3,6 +3,7 @@
 The public names are the same in ``numpyro_mixvi``. This package never imports JAX.
 """
 
+from pyro_mixvi.arviz import to_arviz
 from pyro_mixvi.diagnostics import log_evidence, psis_diagnostic
 from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture
 from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
@@ -36,4 +37,5 @@ __all__: list[str] = [
     "psis_diagnostic",
     "register_posteriordb_model",
     "target_model",
+    "to_arviz",
 ]
