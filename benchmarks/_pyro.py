@@ -202,14 +202,16 @@ def time_steps(
     *,
     num_warmup: int = 5,
 ) -> tuple[float, float]:
-    """Seconds per SVI step (mean over ``budget.num_steps`` steps after ``num_warmup``) and the
+    """Seconds per SVI step (median over ``budget.num_steps`` steps after ``num_warmup``: robust
+    to preemption on a shared machine) and the
     peak resident-memory increase (MiB) from building the guide to the last step."""
     with PeakMemory() as peak:
         _, svi, _, _ = _start(model, args, kwargs, spec, budget, seed)
         for _ in range(num_warmup):
             svi.step(*args, **kwargs)
-        start = time.perf_counter()
+        durations = []
         for _ in range(budget.num_steps):
+            start = time.perf_counter()
             svi.step(*args, **kwargs)
-        seconds = (time.perf_counter() - start) / budget.num_steps
-    return seconds, peak.megabytes
+            durations.append(time.perf_counter() - start)
+    return float(np.median(durations)), peak.megabytes

@@ -191,7 +191,7 @@ def markdown(results: dict[str, Any], *, with_plot: bool = True) -> str:
         "## Timing: step time and memory relative to the flow guide\n",
         report.metadata_markdown(results["metadata"]),
         f"Synthetic logistic regression with {results['num_rows']} rows and D coefficients; "
-        f"{results['budget']['num_particles']} ELBO particles per step for every guide; mean over "
+        f"{results['budget']['num_particles']} ELBO particles per step for all guides; median over "
         f"{results['budget']['timed_steps']} timed steps after 5 warm-up steps (NumPyro: jitted "
         "`SVI.update`, compilation excluded). Parenthesized: ratio to "
         f"{results['reference_guide']} "
