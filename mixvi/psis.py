@@ -37,7 +37,9 @@ def pareto_khat(log_weights: np.ndarray) -> float:
     """k̂ of the tail of ``exp(log_weights)``; ``log_weights`` is any 1-D array of ``log p - log q``.
 
     Uses the ``M = min(0.2 S, 3 sqrt(S))`` largest weights, as PSIS does. Non-finite
-    ``+inf`` weights give ``inf``; ``-inf`` weights (zero weight) are allowed.
+    ``+inf`` weights give ``inf``; ``-inf`` weights (zero weight) are allowed. When a few draws
+    carry all the weight (a quarter of the tail underflows relative to the largest weight), the
+    result is ``inf`` rather than a fit to a degenerate tail.
 
     Raises:
         ValueError: If ``log_weights`` holds NaN or fewer than 10 finite values.
@@ -56,4 +58,8 @@ def pareto_khat(log_weights: np.ndarray) -> float:
     exceedances = np.exp(ordered[-num_tail:]) - np.exp(cutoff)
     if exceedances[-1] <= 0:
         return float("-inf")
-    return _fit_generalized_pareto(exceedances[exceedances > 0])
+    if exceedances[int(num_tail / 4 + 0.5) - 1] <= 0:
+        # A quarter of the tail is below float precision relative to the largest weight: a few
+        # draws carry all the weight, a tail heavier than any fit can resolve.
+        return float("inf")
+    return _fit_generalized_pareto(exceedances)

@@ -24,6 +24,17 @@ def test_khat_light_tail_is_small_and_inf_is_inf(rng):
     assert pareto_khat(log_weights) == np.inf
 
 
+def test_khat_is_inf_when_a_few_draws_carry_all_the_weight(rng):
+    # Weights exp(-1000) relative to the top one underflow: the tail cannot be fitted, and the
+    # honest answer is an infinite k-hat, never NaN or a prior-dominated small value.
+    for log_weights in (
+        np.r_[0.0, np.full(999, -1000.0)],
+        np.r_[np.zeros(5), np.full(995, -1000.0)],
+        np.r_[0.0, -800.0 + rng.normal(size=999)],
+    ):
+        assert pareto_khat(log_weights) == np.inf
+
+
 def test_khat_rejects_nan(rng):
     log_weights = rng.normal(size=100)
     log_weights[0] = np.nan
