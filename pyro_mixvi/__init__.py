@@ -6,7 +6,9 @@ The public names are the same in ``numpyro_mixvi``. This package never imports J
 from pyro_mixvi.arviz import to_arviz
 from pyro_mixvi.diagnostics import log_evidence, psis_diagnostic
 from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture
+from pyro_mixvi.distributions.flow_mixture import FlowMixture, fit_weights
 from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
+from pyro_mixvi.flows import MAF, RBIG, RealNVP
 from pyro_mixvi.guides.cwm import AutoCWM
 from pyro_mixvi.multimodal import (
     JNF,
@@ -23,8 +25,12 @@ __all__: list[str] = [
     "AutoCWM",
     "CONJUGATE_MODELS",
     "ClassifierWeightedMixture",
+    "FlowMixture",
+    "MAF",
     "POSTERIORDB_MODELS",
+    "RBIG",
     "RBMixture_ELBO",
+    "RealNVP",
     "TARGETS",
     "GaussianMixture",
     "JNF",
@@ -36,6 +42,7 @@ __all__: list[str] = [
     "make_paired_digits",
     "psis_diagnostic",
     "register_posteriordb_model",
+    "fit_weights",
     "target_model",
     "to_arviz",
 ]

@@ -17,7 +17,13 @@ HOST_ONLY = {"create_plates", "prefix", "rng_key", "params", "generator", "self"
 # Names one backend exports before the other has them, each with the reason. A name listed here
 # that both backends export, or a one-sided name not listed, fails the test: the list can only
 # shrink honestly, and it must be empty for a release.
-PENDING: dict[str, str] = {}
+PENDING: dict[str, str] = {
+    "FlowMixture": "AMF-VI: numpyro_mixvi version in progress (issue 5)",
+    "MAF": "AMF-VI: numpyro_mixvi exports with FlowMixture (issue 5)",
+    "RBIG": "AMF-VI: numpyro_mixvi RBIG in progress (issue 5)",
+    "RealNVP": "AMF-VI: numpyro_mixvi exports with FlowMixture (issue 5)",
+    "fit_weights": "AMF-VI: numpyro_mixvi version in progress (issue 5)",
+}
 
 
 def test_same_public_names():

@@ -30,8 +30,9 @@ from zuko.distributions import NormalizingFlow
 TAIL_WEIGHT = 0.05
 """Weight of the wide kernel that gives every marginal robust tails beyond the data."""
 TAIL_SCALE = 2.0
-"""Scale of the wide kernel, in units of the data's sd. Tails widen by at most this factor per
-layer, which the stopping rule keeps in check (the training likelihood stops improving)."""
+"""Scale of the first layer's wide kernel, in units of the data's sd, for heavy-tailed raw data.
+Later layers see Gaussianized data and use 1: a wider kernel there would widen the tails by
+that factor again at every layer (``TAIL_SCALE ** L`` overall)."""
 _BISECTION_STEPS = 30
 _NEWTON_STEPS = 4
 
@@ -271,8 +272,9 @@ def rbig_step(
     Raises:
         FloatingPointError: If the new layer maps a training point to a non-finite value.
     """
+    tail_scale = TAIL_SCALE if not state.layers else 1.0
     centers, bandwidth = _fit_marginals(
-        state.data, state.num_knots, state.bandwidth_factor, TAIL_SCALE
+        state.data, state.num_knots, state.bandwidth_factor, tail_scale
     )
     with torch.no_grad():
         u, ladj = marginal_gaussianize(state.data, centers, bandwidth)
