@@ -7,7 +7,9 @@ from numpyro_mixvi.arviz import to_arviz
 from numpyro_mixvi.diagnostics import log_evidence, psis_diagnostic
 from numpyro_mixvi.distributions.cwm import ClassifierWeightedMixture
 from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
+from numpyro_mixvi.elbos.sivi import SIVI_ELBO
 from numpyro_mixvi.guides.cwm import AutoCWM
+from numpyro_mixvi.guides.sivi import AutoSIVI
 from numpyro_mixvi.multimodal import (
     JNF,
     JNFShared,
@@ -26,6 +28,7 @@ __all__: list[str] = [
     "POSTERIORDB_MODELS",
     "RBMixture_ELBO",
     "TARGETS",
+    "AutoSIVI",
     "GaussianMixture",
     "JNF",
     "JNFShared",
@@ -35,6 +38,7 @@ __all__: list[str] = [
     "log_evidence",
     "make_paired_digits",
     "psis_diagnostic",
+    "SIVI_ELBO",
     "register_posteriordb_model",
     "target_model",
     "to_arviz",

@@ -8,8 +8,10 @@ from pyro_mixvi.diagnostics import log_evidence, psis_diagnostic
 from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture
 from pyro_mixvi.distributions.flow_mixture import FlowMixture, fit_weights
 from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
+from pyro_mixvi.elbos.sivi import SIVI_ELBO
 from pyro_mixvi.flows import MAF, RBIG, RealNVP
 from pyro_mixvi.guides.cwm import AutoCWM
+from pyro_mixvi.guides.sivi import AutoSIVI
 from pyro_mixvi.multimodal import (
     JNF,
     JNFShared,
@@ -32,6 +34,7 @@ __all__: list[str] = [
     "RBMixture_ELBO",
     "RealNVP",
     "TARGETS",
+    "AutoSIVI",
     "GaussianMixture",
     "JNF",
     "JNFShared",
@@ -41,6 +44,7 @@ __all__: list[str] = [
     "log_evidence",
     "make_paired_digits",
     "psis_diagnostic",
+    "SIVI_ELBO",
     "register_posteriordb_model",
     "fit_weights",
     "target_model",

@@ -34,7 +34,7 @@ class SIVI_ELBO(Trace_ELBO):
         num_importance_samples: ``k`` for the score; default the guide's.
         proposal: ``"flow"`` (AISIVI), ``"prior"`` (BSIVI) or ``None`` (the guide's).
         vectorize_particles: As in ``Trace_ELBO``.
-        max_plate_nesting: As in ``Trace_ELBO``.
+        **kwargs: Passed to ``Trace_ELBO`` (e.g. ``max_plate_nesting``).
 
     Example:
         >>> guide = AutoSIVI(model)
@@ -57,7 +57,7 @@ class SIVI_ELBO(Trace_ELBO):
         num_importance_samples: int | None = None,
         proposal: Literal["flow", "prior"] | None = None,
         vectorize_particles: bool = False,
-        max_plate_nesting: float = float("inf"),
+        **kwargs,
     ) -> None:
         if num_importance_samples is not None and (
             isinstance(num_importance_samples, bool)
@@ -72,9 +72,7 @@ class SIVI_ELBO(Trace_ELBO):
         self.num_importance_samples = num_importance_samples
         self.proposal = proposal
         super().__init__(
-            num_particles=num_particles,
-            vectorize_particles=vectorize_particles,
-            max_plate_nesting=max_plate_nesting,
+            num_particles=num_particles, vectorize_particles=vectorize_particles, **kwargs
         )
 
     def _options(self, guide):

@@ -119,7 +119,7 @@ def test_path_gradient_is_unbiased_against_closed_form(dtype):
     model, guide, target = gaussian_setup(dtype)
     params = dict(guide.named_parameters())
     exact = torch.autograd.grad(-exact_elbo(guide, target), list(params.values()))
-    elbo = SIVI_ELBO(num_particles=1000, vectorize_particles=True, num_importance_samples=256)
+    elbo = SIVI_ELBO(num_particles=1000, vectorize_particles=True, num_importance_samples=2048)
     reps = []
     for _ in range(12):
         loss = elbo.differentiable_loss(model, guide)
@@ -128,8 +128,8 @@ def test_path_gradient_is_unbiased_against_closed_form(dtype):
     reps = torch.stack(reps).double()
     truth = torch.cat([g.flatten() for g in exact]).double()
     mean, stderr = reps.mean(0), reps.std(0) / math.sqrt(len(reps))
-    # Path gradient: unbiased up to the SNIS bias O(1/k), far below the MC error at k = 256
-    # (checked on the score itself in test_sivi_score.py); 5 standard errors + 1e-3.
+    # Unbiased up to the O(1/k) bias of self-normalized IS (BSIVI puts the draw's own eps
+    # among the k): at k = 2048 it is below the MC error of 12 x 1000 particles; 5 s.e. + 1e-3.
     assert torch.all((mean - truth).abs() <= 5 * stderr + 1e-3), (mean, truth, stderr)
 
 
