@@ -15,6 +15,7 @@ from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
 from .._sivi import SemiImplicitNormal, generator_init
+from ..flows import MAF, RealNVP
 
 __all__ = ["AutoSIVI"]
 
@@ -26,22 +27,15 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
-def _make_flow_proposal(rng_key, mixing_dim, latent_dim, num_transforms, hidden_dims, dtype):
-    """Conditional RealNVP ``tau(eps | z)`` (flowjax ``coupling_flow``), sampling direction."""
-    try:
-        from flowjax.distributions import Normal
-        from flowjax.flows import coupling_flow
-    except ImportError as error:  # pragma: no cover - flowjax is in the numpyro extra
-        error.add_note("AutoSIVI(proposal='flow') needs flowjax: pip install 'mixvi[numpyro]'")
-        raise
-    return coupling_flow(
+def _make_flow_proposal(rng_key, mixing_dim, latent_dim, num_transforms, hidden_dims):
+    """Conditional flow ``tau(eps | z)``: RealNVP (``m >= 2``) or, for ``m = 1``, an affine MAF."""
+    factory = RealNVP if mixing_dim >= 2 else MAF
+    return factory(
         rng_key,
-        base_dist=Normal(jnp.zeros(mixing_dim, dtype)),
-        cond_dim=latent_dim,
-        flow_layers=num_transforms,
-        nn_width=max(hidden_dims),
-        nn_depth=len(hidden_dims),
-        invert=False,
+        mixing_dim,
+        context_dim=latent_dim,
+        num_transforms=num_transforms,
+        hidden_dims=hidden_dims,
     )
 
 
@@ -73,11 +67,12 @@ class AutoSIVI(AutoContinuous):
         hidden_dims: Hidden widths of the ReLU network ``mu_phi``; ``()`` makes it affine.
         conditional_scale: Whether ``sigma`` depends on ``eps`` (default: global diagonal).
         proposal: ``"flow"`` (AISIVI) or ``"prior"`` (BSIVI).
-        num_proposal_transforms: Coupling layers of the proposal.
-        proposal_hidden_dims: Coupling-network widths (flowjax uses one width: the largest,
-            with ``len(proposal_hidden_dims)`` hidden layers).
+        num_proposal_transforms: Layers of the conditional RealNVP proposal (``mixvi`` ``flows``;
+            an affine MAF when ``m = 1``).
+        proposal_hidden_dims: Coupling-network widths (flowjax MLPs: one repeated width).
         num_importance_samples: ``k`` used by ``log_prob`` (and the ELBO unless overridden).
-        chunk_size: Importance draws per scan step (default ``k``).
+        chunk_size: Importance draws held in memory at once (default 128; ``None`` = all ``k``):
+            peak memory is flat in ``k`` beyond it.
         init_loc_fn: Per-site initialization, as in ``AutoContinuous``.
         init_scale: Initial ``sigma``; positive.
 
@@ -113,7 +108,7 @@ class AutoSIVI(AutoContinuous):
         num_proposal_transforms: int = 4,
         proposal_hidden_dims: Sequence[int] = (64, 64),
         num_importance_samples: int = 64,
-        chunk_size: int | None = None,
+        chunk_size: int | None = 128,
         init_loc_fn=init_to_median,
         init_scale: float = 0.1,
     ) -> None:
@@ -127,8 +122,6 @@ class AutoSIVI(AutoContinuous):
             raise ValueError(f"proposal must be one of {PROPOSALS}; got {proposal!r}")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be > 0; got {init_scale}")
-        if len(proposal_hidden_dims) < 1:
-            raise ValueError("proposal_hidden_dims must name at least one hidden layer")
         self.mixing_dim = mixing_dim
         self.hidden_dims = tuple(int(h) for h in hidden_dims)
         self.conditional_scale = conditional_scale
@@ -162,7 +155,6 @@ class AutoSIVI(AutoContinuous):
                 self.latent_dim,
                 self.num_proposal_transforms,
                 self.proposal_hidden_dims,
-                self._init_latent.dtype,
             )
 
     @contextlib.contextmanager

@@ -11,6 +11,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 
 from .._sivi import ConditionalNormalGenerator, SemiImplicitNormal
+from ..flows import MAF, RealNVP
 
 __all__ = ["AutoSIVI"]
 
@@ -23,14 +24,13 @@ def _check_positive_int(name: str, value: int) -> None:
 
 
 def _make_flow_proposal(mixing_dim, latent_dim, num_transforms, hidden_dims, prototype):
-    """Conditional RealNVP ``tau(eps | z)``: ``eps`` in ``R^m``, context ``z`` in ``R^D``."""
-    try:
-        import zuko
-    except ImportError as error:  # pragma: no cover - zuko is in the pyro extra
-        error.add_note("AutoSIVI(proposal='flow') needs zuko: pip install 'mixvi[pyro]'")
-        raise
-    flow = zuko.flows.RealNVP(
-        mixing_dim, latent_dim, transforms=num_transforms, hidden_features=tuple(hidden_dims)
+    """Conditional flow ``tau(eps | z)``: RealNVP (``m >= 2``) or, for ``m = 1``, an affine MAF."""
+    factory = RealNVP if mixing_dim >= 2 else MAF
+    flow = factory(
+        mixing_dim,
+        context_dim=latent_dim,
+        num_transforms=num_transforms,
+        hidden_dims=hidden_dims,
     )
     return flow.to(dtype=prototype.dtype, device=prototype.device)
 
@@ -63,10 +63,12 @@ class AutoSIVI(AutoContinuous):
             (then ``q`` is exactly Gaussian).
         conditional_scale: Whether ``sigma`` depends on ``eps`` (default: one global diagonal).
         proposal: ``"flow"`` (AISIVI) or ``"prior"`` (BSIVI).
-        num_proposal_transforms: Coupling layers of the conditional RealNVP proposal.
+        num_proposal_transforms: Layers of the conditional RealNVP proposal (``mixvi`` ``flows``;
+            an affine MAF when ``m = 1``, where a coupling has no second half).
         proposal_hidden_dims: Hidden widths of its coupling networks.
         num_importance_samples: ``k`` used by ``log_prob`` (and by the ELBO unless it overrides).
-        chunk_size: Importance draws held in memory at once (default ``k``).
+        chunk_size: Importance draws held in memory at once (default 128; ``None`` = all ``k``):
+            peak memory is flat in ``k`` beyond it.
         init_loc_fn: Per-site initialization, as in ``AutoContinuous``.
         init_scale: Initial ``sigma``; positive.
 
@@ -100,7 +102,7 @@ class AutoSIVI(AutoContinuous):
         num_proposal_transforms: int = 4,
         proposal_hidden_dims: Sequence[int] = (64, 64),
         num_importance_samples: int = 64,
-        chunk_size: int | None = None,
+        chunk_size: int | None = 128,
         init_loc_fn=init_to_median,
         init_scale: float = 0.1,
     ) -> None:
