@@ -147,13 +147,14 @@ def test_bad_elbo_options_and_guides_raise():
         SIVI_ELBO(num_importance_samples=0)
     with pytest.raises(ValueError, match="proposal must be one of"):
         SIVI_ELBO(proposal="mcmc")
-    svi = SVI(constrained_model, AutoNormal(constrained_model), optim.Adam(1e-2), SIVI_ELBO())
+    key = jax.random.key(0)
     with pytest.raises(TypeError, match="SIVI_ELBO needs an AutoSIVI guide"):
-        svi.init(jax.random.key(0), 0.5)
+        SIVI_ELBO().loss(key, {}, constrained_model, AutoNormal(constrained_model), 0.5)
     guide = AutoSIVI(constrained_model, proposal="prior")
-    svi = SVI(constrained_model, guide, optim.Adam(1e-2), SIVI_ELBO(proposal="flow"))
+    svi = SVI(constrained_model, guide, optim.Adam(1e-2), SIVI_ELBO())
+    params = svi.get_params(svi.init(key, 0.5))
     with pytest.raises(ValueError, match="needs a guide built with"):
-        svi.init(jax.random.key(0), 0.5)
+        SIVI_ELBO(proposal="flow").loss(key, params, constrained_model, guide, 0.5)
 
 
 def test_discrete_and_empty_models_raise():
