@@ -41,6 +41,8 @@ from numpyro.infer.autoguide import (  # noqa: E402
 from numpyro.infer.util import log_density  # noqa: E402
 from numpyro.optim import Adam  # noqa: E402
 
+from numpyro_mixvi import AutoCWM, RBMixture_ELBO  # noqa: E402
+
 
 class GuideCase(NamedTuple):
     """One guide under test.
@@ -81,6 +83,13 @@ CASES = [
         has_quantiles=False,
         picklable=False,
         lr=0.01,
+    ),
+    GuideCase(
+        "AutoCWM",
+        partial(AutoCWM, num_components=3, hidden_dims=(8,)),
+        RBMixture_ELBO,
+        has_median=False,
+        has_quantiles=False,
     ),
 ]
 
