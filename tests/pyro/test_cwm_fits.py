@@ -75,9 +75,9 @@ def compare_on(name, *, num_steps, num_components=4, num_particles=8, lr=2e-2):
         assert cwm_sw < sw - floor, (name, label, cwm_sw, sw, floor)
 
 
-@pytest.mark.parametrize("name", ["x_shape", "eight_modes"])
-def test_autocwm_beats_the_baselines_fast(name):
-    compare_on(name, num_steps=500)
+def test_autocwm_beats_the_baselines_fast():
+    """The default-run version: one target, 500 steps (x_shape is in the NumPyro twin)."""
+    compare_on("eight_modes", num_steps=500)
 
 
 @pytest.mark.slow
