@@ -6,7 +6,7 @@ log-density works without special cases: mean-field guides, ``AutoContinuous`` g
 auxiliary latent plus the Delta sites carrying the log-Jacobian), and guides whose
 ``log_prob`` is itself an estimate (semi-implicit guides).
 
-The draws run vectorized under a particle plate left of the model's plates (Pyro's
+The draws run vectorized under a particle plate left of the model's plates (as in Pyro's
 ``vectorized_importance_weights``), so the model must be broadcast-safe, as for
 ``Trace_ELBO(vectorize_particles=True)``; ``chunk_size`` bounds how many run at once.
 
@@ -26,14 +26,16 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
+import pyro
 import torch
 from pyro import poutine
-from pyro.infer.importance import vectorized_importance_weights
-from pyro.infer.util import plate_log_prob_sum
+from pyro.infer.util import is_validation_enabled, plate_log_prob_sum
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_model_guide_match, check_site_shape
 
 from mixvi.psis import pareto_khat
 
-PARTICLE_PLATE = "num_particles_vectorized"  # the name vectorized_importance_weights uses
+PARTICLE_PLATE = "num_particles_vectorized"  # the name Pyro's vectorized importance uses
 
 
 class ImportanceDraws(NamedTuple):
@@ -85,6 +87,42 @@ def _max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: di
     return max(dims, default=0)
 
 
+def _vectorized_traces(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, num: int, max_plate_nesting: int
+):
+    """Guide and replayed model traces of ``num`` draws in a particle plate, log-probs packed.
+
+    Like Pyro's ``vectorized_importance_weights``, but the guide trace computes ``log_prob``
+    only (no ``score_parts``), so guides whose distributions have no unbiased surrogate
+    gradient (mixtures with a discrete component index) still report ``log q``.
+    """
+
+    def vectorize(fn):
+        def particles(*args, **kwargs):
+            with pyro.plate(PARTICLE_PLATE, num, dim=-(max_plate_nesting + 1)):
+                return fn(*args, **kwargs)
+
+        return particles
+
+    guide_trace = poutine.trace(vectorize(guide)).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(vectorize(model), trace=guide_trace)).get_trace(
+        *args, **kwargs
+    )
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting + 1)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    for trace in (model_trace, guide_trace):
+        trace.compute_log_prob()
+        if is_validation_enabled():
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, max_plate_nesting + 1)
+    guide_trace.pack_tensors()
+    model_trace.pack_tensors(guide_trace.plate_to_symbol)
+    return model_trace, guide_trace
+
+
 def _chunks(num_samples: int, chunk_size: int | None) -> list[int]:
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1; got {num_samples}")
@@ -132,13 +170,8 @@ def importance_draws(
     draws = []
     with torch.no_grad():
         for size in sizes:
-            _, model_trace, guide_trace = vectorized_importance_weights(
-                model,
-                guide,
-                *args,
-                num_samples=size,
-                max_plate_nesting=max_plate_nesting,
-                **kwargs,
+            model_trace, guide_trace = _vectorized_traces(
+                model, guide, args, kwargs, size, max_plate_nesting
             )
             symbol = guide_trace.plate_to_symbol[PARTICLE_PLATE]
             log_p = plate_log_prob_sum(model_trace, symbol).reshape(size)

@@ -41,7 +41,11 @@ from numpyro.infer.autoguide import (  # noqa: E402
 from numpyro.infer.util import log_density  # noqa: E402
 from numpyro.optim import Adam  # noqa: E402
 
-from numpyro_mixvi import AutoCWM, RBMixture_ELBO  # noqa: E402
+from numpyro_mixvi import (  # noqa: E402
+    AutoCWM,
+    RBMixture_ELBO,
+    to_arviz,
+)
 
 
 class GuideCase(NamedTuple):
@@ -304,3 +308,22 @@ def test_no_latent_sites_error(case):
     guide = make_guide(case, observed_only_model)
     with pytest.raises(RuntimeError, match="latent"):
         handlers.seed(guide, 0)(jnp.ones(()))
+
+
+@case_param
+@x64_fast_float32
+def test_to_arviz(case, x64):
+    guide, params, y = fit_cached(case, conjugate_model)
+    num_samples = 400
+    data = to_arviz(
+        jax.random.PRNGKey(9), params, conjugate_model, guide, y, num_samples=num_samples
+    )
+    assert data.posterior["mu"].shape == (1, num_samples, 2)
+    assert data.log_likelihood["obs"].shape == (1, num_samples, NUM_DATA)
+    log_w = data.sample_stats["log_p"].values - data.sample_stats["log_q"].values
+    assert log_w.shape == (1, num_samples) and np.isfinite(log_w).all()
+    posterior = exact_posterior(y)
+    sd = float(posterior.scale[0])
+    # Fit error (< 0.5 sd, test_posterior_draws...) plus Monte Carlo error 4 sd / sqrt(400).
+    gap = np.abs(data.posterior["mu"].values[0].mean(0) - np.asarray(posterior.mean))
+    assert gap.max() < 0.7 * sd

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -38,13 +39,16 @@ from pyro.infer.autoguide import (  # noqa: E402
 from pyro.optim import ClippedAdam  # noqa: E402
 from pyro.poutine.util import site_is_subsample  # noqa: E402
 
-from pyro_mixvi import AutoCWM, RBMixture_ELBO  # noqa: E402
+from pyro_mixvi import (  # noqa: E402
+    AutoCWM,
+    RBMixture_ELBO,
+    to_arviz,
+)
 
 
 def _rb_mixture_elbo(*, num_particles=1, vectorize_particles=True, max_plate_nesting=math.inf):
     """RBMixture_ELBO is always vectorized (one model run over all N * K points)."""
     return RBMixture_ELBO(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
-
 
 
 class GuideCase(NamedTuple):
@@ -328,3 +332,18 @@ def test_no_latent_sites_error(case):
     guide = make_guide(case, observed_only_model)
     with pytest.raises(RuntimeError, match="latent"):
         guide(torch.tensor(1.0))
+
+
+@case_param
+def test_to_arviz(case, dtype):
+    guide, y = fit_conjugate(case)
+    num_samples = 400
+    data = to_arviz(conjugate_model, guide, y, num_samples=num_samples)
+    assert data.posterior["mu"].shape == (1, num_samples)
+    assert data.log_likelihood["obs"].shape == (1, num_samples, NUM_DATA)
+    log_w = data.sample_stats["log_p"].values - data.sample_stats["log_q"].values
+    assert log_w.shape == (1, num_samples) and np.isfinite(log_w).all()
+    posterior = exact_posterior(y)
+    sd = float(posterior.stddev)
+    # Fit error (< 0.5 sd, test_posterior_draws...) plus Monte Carlo error 4 sd / sqrt(400).
+    assert abs(float(data.posterior["mu"].mean()) - float(posterior.mean)) < 0.7 * sd
