@@ -8,6 +8,7 @@ Every benchmark returns a dict with ``metadata`` (command, commit, machine, date
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -53,10 +54,11 @@ def _cpu_name() -> str:
 
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "numpy": np.__version__}
-    for name in ("torch", "pyro", "jax", "numpyro"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
+    for name in ("torch", "pyro-ppl", "jax", "numpyro"):  # installed, whether imported or not
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return versions
 
 
