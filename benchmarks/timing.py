@@ -119,6 +119,7 @@ def run(
         ``metadata``, ``budget``, ``runs`` (``step_ms``, ``peak_memory_mb`` and the ratios per
         backend, guide and dim) and ``skipped`` guides.
     """
+    metadata = report.metadata(command)  # the code that runs, before anything is committed
     budget = budget or (QUICK_BUDGET if quick else BUDGET)
     seeds = tuple(seeds or SEEDS)
     plan, skipped = [], {}
@@ -144,7 +145,7 @@ def run(
     _add_ratios(runs)
     results = {
         "benchmark": NAME,
-        "metadata": report.metadata(command),
+        "metadata": metadata,
         "quick": quick,
         "budget": {"timed_steps": budget.num_steps, "num_particles": budget.num_particles},
         "dims": list(dims),

@@ -87,6 +87,7 @@ def run(
         ``metadata``, ``budget``, ``runs`` (one dict per fit), ``summary`` (per guide over seeds),
         ``nuts`` (the reference's own predictive scores) and ``skipped`` guides.
     """
+    metadata = report.metadata(command)  # the code that runs, before anything is committed
     backend = backend or default_backend()
     seeds = tuple(seeds or (QUICK_SEEDS if quick else SEEDS))
     budget = budget or (QUICK_BUDGET if quick else BUDGET)
@@ -104,7 +105,7 @@ def run(
     summary = report.aggregate(runs, ("guide",), METRICS)
     results = {
         "benchmark": NAME,
-        "metadata": report.metadata(command),
+        "metadata": metadata,
         "backend": backend,
         "quick": quick,
         "budget": budget._asdict(),
