@@ -6,8 +6,10 @@ The public names are the same in ``pyro_mixvi``. This package never imports torc
 from numpyro_mixvi.arviz import to_arviz
 from numpyro_mixvi.diagnostics import log_evidence, psis_diagnostic
 from numpyro_mixvi.distributions.cwm import ClassifierWeightedMixture
+from numpyro_mixvi.distributions.flow_mixture import FlowMixture, fit_weights
 from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 from numpyro_mixvi.elbos.sivi import SIVI_ELBO
+from numpyro_mixvi.flows import MAF, RBIG, RealNVP
 from numpyro_mixvi.guides.cwm import AutoCWM
 from numpyro_mixvi.guides.sivi import AutoSIVI
 from numpyro_mixvi.multimodal import (
@@ -25,8 +27,12 @@ __all__: list[str] = [
     "AutoCWM",
     "CONJUGATE_MODELS",
     "ClassifierWeightedMixture",
+    "FlowMixture",
+    "MAF",
     "POSTERIORDB_MODELS",
+    "RBIG",
     "RBMixture_ELBO",
+    "RealNVP",
     "TARGETS",
     "AutoSIVI",
     "GaussianMixture",
@@ -40,6 +46,7 @@ __all__: list[str] = [
     "psis_diagnostic",
     "SIVI_ELBO",
     "register_posteriordb_model",
+    "fit_weights",
     "target_model",
     "to_arviz",
 ]

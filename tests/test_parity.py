@@ -18,11 +18,6 @@ HOST_ONLY = {"create_plates", "prefix", "rng_key", "params", "generator", "self"
 # that both backends export, or a one-sided name not listed, fails the test: the list can only
 # shrink honestly, and it must be empty for a release.
 PENDING: dict[str, str] = {
-    "FlowMixture": "AMF-VI: numpyro_mixvi version in progress (issue 5)",
-    "MAF": "AMF-VI: numpyro_mixvi exports with FlowMixture (issue 5)",
-    "RBIG": "AMF-VI: numpyro_mixvi RBIG in progress (issue 5)",
-    "RealNVP": "AMF-VI: numpyro_mixvi exports with FlowMixture (issue 5)",
-    "fit_weights": "AMF-VI: numpyro_mixvi version in progress (issue 5)",
 }
 
 

@@ -5,6 +5,7 @@
 """
 
 from .maf import MAF
+from .rbig import RBIG, RBIGState, RBIGTransform, rbig_init, rbig_step
 from .realnvp import RealNVP
 
-__all__ = ["MAF", "RealNVP"]
+__all__ = ["MAF", "RBIG", "RBIGState", "RBIGTransform", "RealNVP", "rbig_init", "rbig_step"]
