@@ -42,7 +42,9 @@ from numpyro.infer.util import log_density  # noqa: E402
 from numpyro.optim import Adam  # noqa: E402
 
 from numpyro_mixvi import (  # noqa: E402
+    SIVI_ELBO,
     AutoCWM,
+    AutoSIVI,
     RBMixture_ELBO,
     to_arviz,
 )
@@ -94,6 +96,14 @@ CASES = [
         RBMixture_ELBO,
         has_median=False,
         has_quantiles=False,
+    ),
+    GuideCase(
+        "AutoSIVI",
+        partial(AutoSIVI, hidden_dims=(16,), proposal_hidden_dims=(16, 16),
+                num_importance_samples=32),
+        SIVI_ELBO,
+        picklable=False,
+        lr=0.01,
     ),
 ]
 

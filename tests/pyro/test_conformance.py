@@ -40,7 +40,9 @@ from pyro.optim import ClippedAdam  # noqa: E402
 from pyro.poutine.util import site_is_subsample  # noqa: E402
 
 from pyro_mixvi import (  # noqa: E402
+    SIVI_ELBO,
     AutoCWM,
+    AutoSIVI,
     RBMixture_ELBO,
     to_arviz,
 )
@@ -100,6 +102,14 @@ CASES = [
         _rb_mixture_elbo,
         has_median=False,
         has_quantiles=False,
+    ),
+    GuideCase(
+        "AutoSIVI",
+        partial(AutoSIVI, hidden_dims=(16,), proposal_hidden_dims=(16, 16),
+                num_importance_samples=32),
+        SIVI_ELBO,
+        param_store=False,
+        lr=0.01,
     ),
 ]
 
