@@ -8,7 +8,8 @@ from flowjax.distributions import Transformed
 from flowjax.flows import masked_autoregressive_flow
 from jax import Array
 
-from ._checks import check_flow_args
+from mixvi._checks import check_flow_args
+
 from ._flowjax import mlp_shape, standard_normal
 
 

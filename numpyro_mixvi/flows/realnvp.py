@@ -9,7 +9,8 @@ from flowjax.distributions import Transformed
 from flowjax.flows import coupling_flow
 from jax import Array
 
-from ._checks import check_flow_args
+from mixvi._checks import check_flow_args
+
 from ._flowjax import mlp_shape, standard_normal
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import zuko
 
-from ._checks import check_flow_args
+from mixvi._checks import check_flow_args
 
 
 def MAF(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow classes

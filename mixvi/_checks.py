@@ -1,4 +1,4 @@
-"""Argument checks shared by the flow factories (one place, so every factory says the same)."""
+"""Backend-free argument checks for both backends' flow factories, so each one says the same."""
 
 from __future__ import annotations
 
