@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# Relative spread of the tail below which the weights count as equal (float32 log-densities of
+# magnitude ~100 round to ~1e-5).
+FLAT_TAIL = 1e-4
+
 
 def _fit_generalized_pareto(exceedances: np.ndarray) -> float:
     """Shape ``k`` of a generalized Pareto fit to positive ``exceedances`` sorted ascending.
@@ -37,9 +41,9 @@ def pareto_khat(log_weights: np.ndarray) -> float:
     """k̂ of the tail of ``exp(log_weights)``; ``log_weights`` is any 1-D array of ``log p - log q``.
 
     Uses the ``M = min(0.2 S, 3 sqrt(S))`` largest weights, as PSIS does. Non-finite
-    ``+inf`` weights give ``inf``; ``-inf`` weights (zero weight) are allowed. When a few draws
-    carry all the weight (a quarter of the tail underflows relative to the largest weight), the
-    result is ``inf`` rather than a fit to a degenerate tail.
+    ``+inf`` weights give ``inf``; ``-inf`` weights (zero weight) are allowed. Weights equal to
+    rounding (an exact guide) give ``-inf``; when a few draws carry all the weight (a quarter of
+    the tail does not rise above the cutoff) the result is ``inf``, never a degenerate fit.
 
     Raises:
         ValueError: If ``log_weights`` holds NaN or fewer than 10 finite values.
@@ -55,11 +59,13 @@ def pareto_khat(log_weights: np.ndarray) -> float:
     num_tail = int(min(0.2 * finite.size, 3 * np.sqrt(finite.size)))
     ordered = np.sort(finite - finite.max())
     cutoff = ordered[-num_tail - 1]
-    exceedances = np.exp(ordered[-num_tail:]) - np.exp(cutoff)
-    if exceedances[-1] <= 0:
+    if -cutoff < FLAT_TAIL:
+        # The largest weights agree to within FLAT_TAIL (relative): equal weights up to the
+        # rounding of float32 or float64 log-densities, as from an exact guide; nothing to fit.
         return float("-inf")
+    exceedances = np.exp(ordered[-num_tail:]) - np.exp(cutoff)
     if exceedances[int(num_tail / 4 + 0.5) - 1] <= 0:
-        # A quarter of the tail is below float precision relative to the largest weight: a few
-        # draws carry all the weight, a tail heavier than any fit can resolve.
+        # A quarter of the tail does not rise above the cutoff (it underflows, or ties it) while
+        # the largest weight does: a few draws carry all the weight.
         return float("inf")
     return _fit_generalized_pareto(exceedances)

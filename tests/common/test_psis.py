@@ -35,6 +35,13 @@ def test_khat_is_inf_when_a_few_draws_carry_all_the_weight(rng):
         assert pareto_khat(log_weights) == np.inf
 
 
+def test_khat_of_equal_weights_is_minus_inf(rng):
+    # An exact guide gives log p - log q = log Z at every draw, up to rounding.
+    for dtype in (np.float32, np.float64):
+        log_weights = (-100.0 + 10 * np.finfo(dtype).eps * rng.normal(size=2000)).astype(dtype)
+        assert pareto_khat(log_weights) == -np.inf
+
+
 def test_khat_rejects_nan(rng):
     log_weights = rng.normal(size=100)
     log_weights[0] = np.nan

@@ -131,15 +131,16 @@ def test_khat_flags_a_narrow_guide_and_passes_wide_ones(dtype):
         normal_model, normal_guide_factory(0.5, shift=1.0), y, num_samples=4000
     )
     wide = psis_diagnostic(normal_model, normal_guide_factory(1.5), y, num_samples=4000)
-    # The exact guide's weights are constant up to rounding: their "tail" is rounding noise
-    # (mixvi.psis.pareto_khat returns inf on it), so the guide nearest exact is 1.1x wide.
     slightly_wide = psis_diagnostic(normal_model, normal_guide_factory(1.1), y, num_samples=4000)
+    # The exact guide's weights are constant up to rounding: no tail at all.
+    exact = psis_diagnostic(normal_model, normal_guide_factory(1.0), y, num_samples=4000)
     # Guide sd s times the posterior's: P(w > t) ~ t^(-1 / (1 - s^2)), so k = 1 - s^2 = 0.75
     # for s = 0.5 (off-centre by 1 sd, which makes k-hat at S=4000 ~0.8-1.2 over seeds);
     # wider guides (s >= 1) have bounded weights (k <= 0).
     assert narrow > 0.7
     assert wide < 0.5
     assert slightly_wide < 0.5
+    assert exact < 0.5
 
 
 def test_khat_agrees_with_pyro(dtype):
