@@ -68,7 +68,7 @@ lint: venv
 # Docs: each tutorial (tutorials/<backend>_*.py, jupytext percent format) is executed into a
 # notebook under docs/tutorials/ (re-run when it or the package changes), then mkdocs builds the
 # site with warnings as errors. `make docs-quick` executes the tutorials at small budgets (CI).
-DOCS_TUTORIALS := $(filter-out tutorials/demo.py,$(wildcard tutorials/*.py))
+DOCS_TUTORIALS := $(wildcard tutorials/*.py)
 DOCS_NOTEBOOKS := $(patsubst tutorials/%.py,docs/tutorials/%.ipynb,$(DOCS_TUTORIALS))
 PACKAGE_SOURCES := $(shell find mixvi pyro_mixvi numpyro_mixvi -name '*.py' 2>/dev/null)
 export NO_MKDOCS_2_WARNING := 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TUTORIALS = sorted(p for p in (ROOT / "tutorials").glob("*.py") if p.name != "demo.py")
+TUTORIALS = sorted((ROOT / "tutorials").glob("*.py"))
 
 
 def test_tutorials_exist():
