@@ -29,6 +29,8 @@ References:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -38,6 +40,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution, constraints
+
+from mixvi import target_specs
 
 __all__ = [
     "CONJUGATE_MODELS",
@@ -195,76 +199,34 @@ class GaussianMixture(_Target):
         return (self.weights[:, None] * self.locs).sum(0)
 
 
-def _gmm_2d(locs, variances, weights=None, *, noise=0.0, bounds=None, entropy=None):
-    """A 2-D mixture from means and covariances (scalar variances mean isotropic), plus noise."""
+def _gmm_2d(spec: target_specs.GaussianMixtureSpec) -> GaussianMixture:
+    """The host distribution for a 2-D mixture spec, in the default dtype."""
     dtype = torch.get_default_dtype()
-    locs = torch.tensor(locs, dtype=dtype)
-    covariances = []
-    for v in variances:
-        cov = torch.tensor(v, dtype=dtype)
-        cov = cov * torch.eye(2, dtype=dtype) if cov.dim() == 0 else cov
-        covariances.append(cov + noise**2 * torch.eye(2, dtype=dtype))
-    w = None if weights is None else torch.tensor(weights, dtype=dtype)
-    return GaussianMixture(locs, torch.stack(covariances), w, bounds=bounds, entropy=entropy)
+    weights = None if spec.weights is None else torch.tensor(spec.weights, dtype=dtype)
+    return GaussianMixture(torch.tensor(spec.locs, dtype=dtype),
+                           torch.tensor(spec.covariances, dtype=dtype), weights,
+                           bounds=spec.bounds, entropy=spec.entropy)
 
 
-def x_shape() -> GaussianMixture:
-    """AISIVI's X: ``1/2 N(0, [[2, 1.8], [1.8, 2]]) + 1/2 N(0, [[2, -1.8], [-1.8, 2]])``."""
-    return _gmm_2d([[0, 0], [0, 0]], [[[2, 1.8], [1.8, 2]], [[2, -1.8], [-1.8, 2]]],
-                   bounds=(-6, 6, -6, 6), entropy=3.1226)
+def _from_spec(make_spec: Callable[..., target_specs.GaussianMixtureSpec]):
+    """A target factory with ``make_spec``'s name, signature and docstring."""
+
+    @functools.wraps(make_spec)
+    def factory(*args, **kwargs) -> GaussianMixture:
+        return _gmm_2d(make_spec(*args, **kwargs))
+
+    factory.__signature__ = inspect.signature(make_spec).replace(return_annotation=GaussianMixture)
+    return factory
 
 
-def multimodal() -> GaussianMixture:
-    """AISIVI's two modes: ``1/2 N((2, 0), I) + 1/2 N((-2, 0), I)``."""
-    return _gmm_2d([[2, 0], [-2, 0]], [1, 1], bounds=(-6.5, 6.5, -4.5, 4.5), entropy=3.4706)
-
-
-def eight_modes(*, radius: float = 3.0, scale: float = 0.3) -> GaussianMixture:
-    """Eight equal Gaussian modes ``N(r (cos a_k, sin a_k), s^2 I)``, ``a_k = 2 pi k / 8``.
-
-    Defaults ``r = 3, s = 0.3``: neighbouring modes are ``2 r sin(pi/8) / s = 7.7`` standard
-    deviations apart, so a guide that covers fewer modes is visibly wrong. Entropy (defaults):
-    ``log 8 + log(2 pi e s^2)`` up to the overlap, computed numerically as 2.5090.
-    """
-    angles = [2 * math.pi * k / 8 for k in range(8)]
-    locs = [[radius * math.cos(a), radius * math.sin(a)] for a in angles]
-    box = radius + 6 * scale
-    known = radius == 3.0 and scale == 0.3
-    return _gmm_2d(locs, [scale**2] * 8, bounds=(-box, box, -box, box),
-                   entropy=2.5090 if known else None)
-
-
-def amf_x_shape() -> GaussianMixture:
-    """AMF-VI's X: AISIVI's X plus ``N(0, 0.1^2 I)`` noise (added to both covariances)."""
-    return _gmm_2d([[0, 0], [0, 0]], [[[2, 1.8], [1.8, 2]], [[2, -1.8], [-1.8, 2]]], noise=0.1,
-                   bounds=(-6, 6, -6, 6), entropy=3.1424)
-
-
-def bimodal_shared() -> GaussianMixture:
-    """AMF-VI's ``1/2 N((-1.5, 0), .5 I) + 1/2 N((1.5, 0), .5 I)`` plus ``N(0, 0.3^2 I)``."""
-    return _gmm_2d([[-1.5, 0], [1.5, 0]], [0.5, 0.5], noise=0.3,
-                   bounds=(-5.5, 5.5, -4, 4), entropy=2.9362)
-
-
-def bimodal_different() -> GaussianMixture:
-    """AMF-VI's ``1/2 N((-3,-1), [[.8,.2],[.2,.3]]) + 1/2 N((3,1), [[.3,-.1],[-.1,.6]])``,
-    plus ``N(0, .2^2 I)``."""
-    return _gmm_2d([[-3, -1], [3, 1]], [[[0.8, 0.2], [0.2, 0.3]], [[0.3, -0.1], [-0.1, 0.6]]],
-                   noise=0.2, bounds=(-7, 7, -4, 4.5), entropy=2.7869)
-
-
-def amf_multimodal() -> GaussianMixture:
-    """AMF-VI's 3 modes at (-2,-1), (2,1), (0,2.5), variances .7, 1, .3, plus ``N(0, .1^2 I)``."""
-    return _gmm_2d([[-2, -1], [2, 1], [0, 2.5]], [0.7, 1.0, 0.3], noise=0.1,
-                   bounds=(-6, 6.5, -5, 6), entropy=3.3353)
-
-
-def multimodal_5() -> GaussianMixture:
-    """AMF-VI's five modes (means (-.5,-1), (.5,1), (2,2.5), (.5,-1), (-.5,1); variances
-    .7, .3, 1, .7, .3) plus ``N(0, .1^2 I)``."""
-    return _gmm_2d([[-0.5, -1], [0.5, 1], [2, 2.5], [0.5, -1], [-0.5, 1]],
-                   [0.7, 0.3, 1.0, 0.7, 0.3], noise=0.1,
-                   bounds=(-5, 6.5, -5, 7), entropy=3.2297)
+x_shape = _from_spec(target_specs.x_shape)
+multimodal = _from_spec(target_specs.multimodal)
+eight_modes = _from_spec(target_specs.eight_modes)
+amf_x_shape = _from_spec(target_specs.amf_x_shape)
+bimodal_shared = _from_spec(target_specs.bimodal_shared)
+bimodal_different = _from_spec(target_specs.bimodal_different)
+amf_multimodal = _from_spec(target_specs.amf_multimodal)
+multimodal_5 = _from_spec(target_specs.multimodal_5)
 
 
 class Rings(_Target):
