@@ -11,13 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro.handlers import replay
-from numpyro.handlers import seed as seed_handler
 from numpyro.infer import SVI
-from numpyro.infer.util import log_density
 
 from benchmarks.guides import GuideSpec
 from benchmarks.memory import PeakMemory
+from numpyro_mixvi.diagnostics import draw_and_score, map_draws
 
 
 class Fitted(NamedTuple):
@@ -60,18 +58,16 @@ def fit(
 
 def draws_and_log_weights(fitted: Fitted, num_draws: int, seed: int) -> tuple[dict, np.ndarray]:
     """``num_draws`` guide draws of every latent and deterministic site, in constrained space,
-    and their importance log-weights ``log p(x, y) - log q(x)`` (for k-hat and log-evidence).
+    and their importance log-weights ``log p(x, y) - log q(x)`` (for k-hat and log-evidence),
+    scored by :func:`numpyro_mixvi.diagnostics.draw_and_score`.
 
     Shapes:
         Each draw array is ``(num_draws, *site_shape)``; log-weights are ``(num_draws,)``.
     """
 
     def one(rng_key: jax.Array) -> tuple[jax.Array, dict]:
-        guide_lp, guide_trace = log_density(
-            seed_handler(fitted.guide, rng_key), fitted.args, fitted.kwargs, fitted.params
-        )
-        model_lp, model_trace = log_density(
-            replay(fitted.model, guide_trace), fitted.args, fitted.kwargs, fitted.params
+        log_p, log_q, _, model_trace = draw_and_score(
+            rng_key, fitted.params, fitted.model, fitted.guide, fitted.args, fitted.kwargs
         )
         values = {
             name: site["value"]
@@ -79,10 +75,9 @@ def draws_and_log_weights(fitted: Fitted, num_draws: int, seed: int) -> tuple[di
             if (site["type"] == "sample" and not site["is_observed"])
             or site["type"] == "deterministic"
         }
-        return model_lp - guide_lp, values
+        return log_p - log_q, values
 
-    keys = jax.random.split(jax.random.PRNGKey(seed), num_draws)
-    log_weights, draws = jax.jit(jax.vmap(one))(keys)
+    log_weights, draws = map_draws(jax.jit(one), jax.random.PRNGKey(seed), num_draws, None)
     draws = {k: np.asarray(v, dtype=np.float64) for k, v in draws.items()}
     return draws, np.asarray(log_weights, dtype=np.float64)
 

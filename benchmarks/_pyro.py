@@ -15,12 +15,12 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.infer import SVI
 from pyro.optim import ExponentialLR
 
 from benchmarks.guides import GuideSpec
 from benchmarks.memory import PeakMemory
+from pyro_mixvi.diagnostics import importance_draws
 
 
 class Fitted(NamedTuple):
@@ -31,7 +31,6 @@ class Fitted(NamedTuple):
     args: tuple
     kwargs: dict
     losses: np.ndarray
-    vectorized: bool
 
 
 def _check_finite(loss: float, step: int, spec: GuideSpec) -> None:
@@ -75,7 +74,7 @@ def fit(
     Raises:
         FloatingPointError: If the loss becomes non-finite (the message names the step).
     """
-    guide, svi, loss, vectorized = _start(model, args, kwargs, spec, budget, seed)
+    guide, svi, loss, _ = _start(model, args, kwargs, spec, budget, seed)
     losses = [loss]
     _check_finite(loss, 0, spec)
     for step in range(1, budget.num_steps):
@@ -83,7 +82,7 @@ def fit(
         svi.optim.step()
         _check_finite(loss, step, spec)
         losses.append(loss)
-    return Fitted(model, guide, args, kwargs, np.asarray(losses), vectorized)
+    return Fitted(model, guide, args, kwargs, np.asarray(losses))
 
 
 def _is_draw_site(site: dict) -> bool:
@@ -92,86 +91,26 @@ def _is_draw_site(site: dict) -> bool:
     return not site["is_observed"] or bool(site["infer"].get("_deterministic"))
 
 
-def _max_plate_nesting(fitted: Fitted) -> int:
-    guide_trace = poutine.trace(fitted.guide).get_trace(*fitted.args, **fitted.kwargs)
-    model_trace = poutine.trace(poutine.replay(fitted.model, trace=guide_trace)).get_trace(
-        *fitted.args, **fitted.kwargs
-    )
-    dims = [
-        -frame.dim
-        for site in model_trace.nodes.values()
-        if site["type"] == "sample"
-        for frame in site["cond_indep_stack"]
-        if frame.vectorized and frame.dim is not None
-    ]
-    return max(dims, default=0)
-
-
-def _sequential_draws(fitted: Fitted, num_draws: int) -> tuple[dict, np.ndarray]:
-    log_weights, draws = [], {}
-    for _ in range(num_draws):
-        guide_trace = poutine.trace(fitted.guide).get_trace(*fitted.args, **fitted.kwargs)
-        replayed = poutine.replay(fitted.model, trace=guide_trace)
-        model_trace = poutine.trace(replayed).get_trace(*fitted.args, **fitted.kwargs)
-        log_weights.append(float(model_trace.log_prob_sum() - guide_trace.log_prob_sum()))
-        for name, site in model_trace.nodes.items():
-            if _is_draw_site(site):
-                draws.setdefault(name, []).append(site["value"].double().numpy())
-    return {k: np.stack(v) for k, v in draws.items()}, np.asarray(log_weights)
-
-
 @torch.no_grad()
 def draws_and_log_weights(fitted: Fitted, num_draws: int, seed: int) -> tuple[dict, np.ndarray]:
     """``num_draws`` guide draws of every latent and deterministic site, in constrained space,
-    and their importance log-weights ``log p(x, y) - log q(x)`` (for k-hat and log-evidence).
+    and their importance log-weights ``log p(x, y) - log q(x)`` (for k-hat and log-evidence),
+    from :func:`pyro_mixvi.diagnostics.importance_draws` (one vectorized chunk).
 
     Shapes:
         Each draw array is ``(num_draws, *site_shape)``; log-weights are ``(num_draws,)``.
     """
     pyro.set_rng_seed(seed)
-    if not fitted.vectorized:
-        return _sequential_draws(fitted, num_draws)
-    particle_dim = -(_max_plate_nesting(fitted) + 1)
-
-    def vectorized(fn: Callable) -> Callable:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            with pyro.plate("num_draws_vectorized", num_draws, dim=particle_dim):
-                return fn(*args, **kwargs)
-
-        return wrapped
-
-    args, kwargs = fitted.args, fitted.kwargs
-    guide_trace = poutine.trace(vectorized(fitted.guide)).get_trace(*args, **kwargs)
-    replayed = poutine.replay(vectorized(fitted.model), trace=guide_trace)
-    model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
-    # Plain log densities (no score parts: a mixture guide's discrete index has none to give).
-    log_weights = _per_draw_log_prob(model_trace, num_draws, particle_dim)
-    log_weights = log_weights - _per_draw_log_prob(guide_trace, num_draws, particle_dim)
-    draws = {}
-    for name, site in model_trace.nodes.items():
-        if not _is_draw_site(site):
-            continue
-        value = site["value"]
-        if value.dim() > 0 and value.shape[0] == num_draws:
-            draws[name] = value.double().reshape(num_draws, -1).numpy()
-    return draws, log_weights.double().numpy()
-
-
-def _per_draw_log_prob(trace: Any, num_draws: int, particle_dim: int) -> torch.Tensor:
-    """Sum of every sample site's log-density per draw of the particle plate at ``particle_dim``."""
-    trace.compute_log_prob()
-    total = 0.0
-    for site in trace.nodes.values():
-        if site["type"] != "sample":
-            continue
-        log_prob = site["log_prob"]
-        while log_prob.dim() < -particle_dim:
-            log_prob = log_prob.unsqueeze(0)
-        axis = log_prob.dim() + particle_dim
-        others = [d for d in range(log_prob.dim()) if d != axis]
-        per_draw = log_prob.sum(others) if others else log_prob
-        total = total + per_draw.expand(num_draws)
-    return torch.as_tensor(total).expand(num_draws)
+    (chunk,) = importance_draws(
+        fitted.model, fitted.guide, *fitted.args, num_samples=num_draws, chunk_size=None,
+        **fitted.kwargs,
+    )
+    draws = {
+        name: site["value"].double().reshape(num_draws, -1).numpy()
+        for name, site in chunk.model_trace.nodes.items()
+        if _is_draw_site(site) and site["value"].dim() > 0 and site["value"].shape[0] == num_draws
+    }
+    return draws, (chunk.log_p - chunk.log_q).double().numpy()
 
 
 def blr_model(X: torch.Tensor, y: torch.Tensor | None = None, prior_scale: float = 10.0) -> None:
