@@ -14,6 +14,12 @@ export OMP_NUM_THREADS := 1
 export MKL_NUM_THREADS := 1
 export XLA_FLAGS := --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1
 export JAX_PLATFORMS := cpu
+# JAX's persistent compilation cache: tests, tutorials and benchmarks compile the same programs
+# from fresh closures many times. Measured on tests/numpyro/test_conformance.py: CPU time 3 min 14 s
+# without, 2 min 51 s with an empty cache, 1 min 05 s on a rerun.
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 
 .PHONY: all venv venv312 demo test test-311 test-312 test-slow lint benchmarks docs docs-quick clean
 
@@ -94,4 +100,4 @@ benchmarks: venv
 	$(VENV)/bin/python -m benchmarks --help
 
 clean:
-	rm -rf $(VENV) $(VENV312) *.egg-info .pytest_cache site docs/tutorials/*.ipynb
+	rm -rf $(VENV) $(VENV312) *.egg-info .pytest_cache site docs/tutorials/*.ipynb .cache/jax
