@@ -9,7 +9,7 @@ Stage 1 (``fit_joint``) is always Pyro's ``SVI`` on that model/guide pair.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import pyro
 import pyro.distributions as dist
@@ -232,8 +232,7 @@ class MultimodalVAE(nn.Module):
         with pyro.get_param_store().scope(), forked_rng(generator):
             svi = SVI(self.model, self.guide, pyro.optim.Adam({"lr": learning_rate}), elbo)
             for step in trange(num_steps, disable=not progress_bar, desc="stage 1 (joint VAE)"):
-                index = torch.randint(0, xs[0].shape[0], (min(batch_size, xs[0].shape[0]),))
-                loss = svi.step(*[x[index] for x in xs])
+                loss = svi.step(*minibatch(xs, batch_size, None))
                 if not torch.isfinite(torch.tensor(loss)):
                     raise FloatingPointError(f"stage 1 step {step}: the β-ELBO loss is {loss}")
                 losses.append(loss)
@@ -283,3 +282,42 @@ class MultimodalVAE(nn.Module):
             )
         with torch.no_grad():
             return self.decode(z)
+
+
+def minibatch(xs: Sequence[Tensor], batch_size: int, generator: torch.Generator | None):
+    """``batch_size`` distinct random rows (all if fewer), the same rows in every modality.
+
+    Distinct rows keep a contrastive batch's positives unambiguous.
+    """
+    index = torch.randperm(xs[0].shape[0], generator=generator)[:batch_size]
+    return [x[index.to(x.device)] for x in xs]
+
+
+def adam_fit(
+    parameters: Iterable[nn.Parameter],
+    loss_fn: Callable[[], Tensor],
+    *,
+    num_steps: int,
+    learning_rate: float,
+    progress_bar: bool,
+    desc: str,
+) -> Tensor:
+    """Minimize ``loss_fn()`` (a fresh minibatch loss per call) with Adam for ``num_steps``.
+
+    Returns:
+        Per-step losses, shape ``(num_steps,)``.
+
+    Raises:
+        FloatingPointError: If a loss is non-finite (names the step and ``desc``).
+    """
+    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
+    losses = []
+    for step in trange(num_steps, disable=not progress_bar, desc=desc):
+        loss = loss_fn()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc} step {step}: loss is {loss}")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)

@@ -23,10 +23,9 @@ from collections.abc import Sequence
 import pyro.distributions as dist
 import torch
 from torch import Tensor, nn
-from tqdm.auto import trange
 
 from ..flows import MAF
-from ._base import GaussianEncoder, MultimodalVAE, mlp
+from ._base import GaussianEncoder, MultimodalVAE, adam_fit, minibatch, mlp
 from .poe import product_of_experts_log_prob, sample_product_of_experts
 
 __all__ = ["JNF", "JNFShared"]
@@ -157,27 +156,20 @@ class JNF(MultimodalVAE):
             FloatingPointError: If a loss is non-finite (names the step).
         """
         xs = self._check_complete(data)
-        optimizer = torch.optim.Adam(self._stage2_parameters(), lr=learning_rate)
-        losses = []
-        for step in trange(num_steps, disable=not progress_bar, desc="stage 2 (unimodal flows)"):
-            index = torch.randint(
-                0, xs[0].shape[0], (min(batch_size, xs[0].shape[0]),), generator=generator
-            )
-            batch = [x[index] for x in xs]
+        def loss_fn() -> Tensor:
+            batch = minibatch(xs, batch_size, generator)
             with torch.no_grad():  # the joint VAE is frozen: only the flows get gradients
                 loc, scale = self.joint_encoder(torch.cat(batch, dim=-1))
             noise = torch.randn(loc.shape, generator=generator, dtype=loc.dtype, device=loc.device)
             z = loc + scale * noise
-            loss = -sum(
+            return -sum(
                 self.flows[j](self._context(j, x)).log_prob(z).mean() for j, x in enumerate(batch)
             )
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"stage 2 step {step}: the unimodal flow loss is {loss}")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-        return torch.stack(losses)
+
+        return adam_fit(
+            self._stage2_parameters(), loss_fn, num_steps=num_steps, learning_rate=learning_rate,
+            progress_bar=progress_bar, desc="stage 2 (unimodal flows)",
+        )
 
     def fit(self, data: Sequence[Tensor], **kwargs) -> dict[str, Tensor]:
         """Stage 1 (:meth:`fit_joint`) then stage 2 (:meth:`fit_unimodal`), same settings."""
@@ -380,18 +372,12 @@ class JNFShared(JNF):
             Per-step InfoNCE losses, shape ``(num_steps,)``.
         """
         xs = self._check_complete(data)
-        optimizer = torch.optim.Adam(self.projectors.parameters(), lr=learning_rate)
-        losses = []
-        for step in trange(num_steps, disable=not progress_bar, desc="stage 0 (contrastive)"):
-            index = torch.randperm(xs[0].shape[0], generator=generator)[:batch_size]
-            loss = self.contrastive_loss([x[index] for x in xs])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"stage 0 step {step}: the contrastive loss is {loss}")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-        return torch.stack(losses)
+        return adam_fit(
+            self.projectors.parameters(),
+            lambda: self.contrastive_loss(minibatch(xs, batch_size, generator)),
+            num_steps=num_steps, learning_rate=learning_rate, progress_bar=progress_bar,
+            desc="stage 0 (contrastive)",
+        )
 
     def fit(self, data: Sequence[Tensor], **kwargs) -> dict[str, Tensor]:
         """Stage 0 (projections), 1 (joint VAE) and 2 (flows on ``g_j(x_j)``), same settings."""
