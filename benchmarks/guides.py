@@ -151,7 +151,9 @@ for _backend in BACKENDS:
         "AutoCWM", _backend, f"{_pkg}:AutoCWM", elbo=f"{_pkg}:RBMixture_ELBO", num_components=4
     )
     register_guide("AutoSIVI", _backend, f"{_pkg}:AutoSIVI", elbo=f"{_pkg}:SIVI_ELBO")
-    register_guide("AutoFlowMixture", _backend, f"{_pkg}:AutoFlowMixture")
+    register_guide(
+        "AutoFlowMixture", _backend, f"{_pkg}:AutoFlowMixture", elbo=f"{_pkg}:RBMixture_ELBO"
+    )
 
 
 def as_guide_spec(guide: GuideSpec | str | Callable, backend: str) -> GuideSpec:

@@ -11,6 +11,7 @@ from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 from pyro_mixvi.elbos.sivi import SIVI_ELBO
 from pyro_mixvi.flows import MAF, RBIG, RealNVP
 from pyro_mixvi.guides.cwm import AutoCWM
+from pyro_mixvi.guides.flow_mixture import AutoFlowMixture
 from pyro_mixvi.guides.sivi import AutoSIVI
 from pyro_mixvi.multimodal import (
     JNF,
@@ -25,6 +26,7 @@ from pyro_mixvi.targets import CONJUGATE_MODELS, TARGETS, GaussianMixture, targe
 
 __all__: list[str] = [
     "AutoCWM",
+    "AutoFlowMixture",
     "CONJUGATE_MODELS",
     "ClassifierWeightedMixture",
     "FlowMixture",

@@ -19,7 +19,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions import constraints
+
+from pyro_mixvi.distributions._index_mixture import IndexMixture
 
 __all__ = ["ClassifierWeightedMixture", "classifier_logits", "init_classifier_params"]
 
@@ -70,7 +72,7 @@ def init_classifier_params(
     return layers
 
 
-class ClassifierWeightedMixture(TorchDistribution):
+class ClassifierWeightedMixture(IndexMixture):
     r"""Mixture of ``K`` affine maps of ``N(0, I)`` weighted by a classifier of the base point.
 
     .. math:: q(x) = \sum_k w_k(z_k)\, \mathcal{N}(z_k; 0, I)\, |\det L_k|^{-1},
@@ -222,26 +224,6 @@ class ClassifierWeightedMixture(TorchDistribution):
             return x.gather(-2, index[..., None, None].expand(index.shape + (1, x.shape[-1])))[
                 ..., 0, :
             ]
-
-    def score_parts(self, value: torch.Tensor):  # noqa: ANN201
-        """Refused: score-function ELBOs would silently bias or ignore the mixture index.
-
-        Pyro's ``Trace_ELBO`` leaves guide-only (auxiliary) sites out of the log-ratio that
-        multiplies their score, so with this non-reparameterizable distribution as a packed
-        latent its gradient is biased. Train with ``RBMixture_ELBO`` instead.
-
-        Raises:
-            NotImplementedError: Always, pointing to ``RBMixture_ELBO``.
-        """
-        raise NotImplementedError(
-            "ClassifierWeightedMixture draws a discrete component index, so stock ELBOs "
-            "(Trace_ELBO, TraceGraph_ELBO, ...) cannot differentiate through it without bias; "
-            "use pyro_mixvi.RBMixture_ELBO, which sums the index out"
-        )
-
-    def expand(self, batch_shape, _instance=None):  # noqa: ANN001, ANN201
-        """Batch expansion goes through Pyro's ``ExpandedDistribution`` (for particle plates)."""
-        return TorchDistribution.expand(self, batch_shape)
 
     @classmethod
     def from_samples(

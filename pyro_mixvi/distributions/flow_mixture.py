@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 from tqdm.auto import tqdm
 
+from pyro_mixvi.distributions._index_mixture import IndexMixture
 from pyro_mixvi.flows import MAF, RBIG, RealNVP
 
 Expert = Callable[[], Distribution]
@@ -120,12 +121,20 @@ def _weighted_scores(log_lik: Tensor, w: Tensor, expert_ok: Tensor) -> Tensor:
     return torch.where(expert_ok, (safe * w).sum(-1), -math.inf)
 
 
-class FlowMixture(Distribution):
+class FlowMixture(IndexMixture):
     r"""Mixture of flow experts with global weights: ``q(x) = sum_k pi_k q_k(x)``.
+
+    It is a finite mixture in the sense of :mod:`pyro_mixvi.guides.base`:
+    :meth:`rsample_components` draws once from every expert (reparameterized) and returns
+    ``log pi``, so ``RBMixture_ELBO`` trains experts and weights jointly (the posterior of
+    :class:`~pyro_mixvi.AutoFlowMixture`). Stock Pyro ELBOs are refused (``score_parts``
+    raises): the expert index of :meth:`rsample` carries no gradient to ``pi``.
 
     Shapes:
         ``log_prob`` maps ``(..., D)`` to ``(...)``; ``component_log_probs`` to ``(..., K)``;
-        ``rsample(sample_shape)`` returns ``sample_shape + (D,)``.
+        ``rsample(sample_shape)`` returns ``sample_shape + (D,)``;
+        ``rsample_components(sample_shape)`` returns ``sample_shape + (K', D)`` and
+        ``sample_shape + (K',)`` with ``K'`` the number of experts of positive weight.
 
     Args:
         experts: ``K`` callables (e.g. zuko flows, :class:`~pyro_mixvi.flows.RBIG`) each
@@ -178,12 +187,37 @@ class FlowMixture(Distribution):
     def log_prob(self, x: Tensor) -> Tensor:
         # Experts with weight exactly 0 contribute nothing and are not evaluated, so a
         # diverged (NaN) expert that stage 2 switched off cannot reach the mixture density.
-        active = [k for k in range(len(self._dists)) if self.weights[k] > 0]
+        active = self.active_experts
         log_q = torch.stack([self._dists[k].log_prob(x) for k in active], -1)
         return torch.logsumexp(self.weights[active].log() + log_q, -1)
 
+    @property
+    def active_experts(self) -> list[int]:
+        """Indices of the experts with positive weight (the only ones ever evaluated)."""
+        return [k for k in range(len(self._dists)) if self.weights[k] > 0]
+
     def rsample(self, sample_shape: torch.Size = _EMPTY) -> Tensor:
         return self._draw(sample_shape)[0]
+
+    def rsample_components(
+        self, sample_shape: torch.Size | tuple[int, ...] = ()
+    ) -> tuple[Tensor, Tensor]:
+        """One independent reparameterized draw per expert and the log-weights ``log pi``.
+
+        ``E_q[h(x)] = E[sum_k pi_k h(x_k)]`` with ``x_k ~ q_k`` independent; both outputs are
+        differentiable in the experts' parameters and the weights (the finite-mixture protocol
+        of :mod:`pyro_mixvi.guides.base`). Experts of weight exactly 0 are left out, so a
+        diverged expert never reaches the estimate.
+
+        Shapes:
+            Returns ``x``: ``sample_shape + (K', D)`` and ``log_weights``:
+            ``sample_shape + (K',)``, ``K'`` = number of experts with positive weight.
+        """
+        shape = torch.Size(sample_shape)
+        active = self.active_experts
+        x = torch.stack([self._dists[k].rsample(shape) for k in active], -2)
+        log_weights = self.weights[active].log()
+        return x, log_weights.expand(shape + log_weights.shape)
 
     def rsample_and_log_prob(self, sample_shape: torch.Size = _EMPTY) -> tuple[Tensor, Tensor]:
         x, _ = self._draw(sample_shape)

@@ -5,22 +5,9 @@ from __future__ import annotations
 import torch
 from pyro.infer import ELBO
 
-from pyro_mixvi.guides.base import posterior_of, unconstrained_log_joint
+from pyro_mixvi.guides.base import rb_mixture_elbo, rb_mixture_particle_elbos
 
 __all__ = ["RBMixture_ELBO", "rb_mixture_elbo"]
-
-
-def rb_mixture_elbo(
-    log_p: torch.Tensor, log_q: torch.Tensor, log_weights: torch.Tensor
-) -> torch.Tensor:
-    r"""Per-particle Rao-Blackwellized ELBO terms ``sum_k w_k (log p - log q)(x_k)``.
-
-    Shapes:
-        All inputs ``(N, K)``; returns ``(N,)``. Its mean over particles is an unbiased estimate
-        of the ELBO, and its gradient of the ELBO's gradient, when ``x_k`` and ``log_weights``
-        come from a finite mixture's ``rsample_components``.
-    """
-    return (log_weights.exp() * (log_p - log_q)).sum(-1)
 
 
 class RBMixture_ELBO(ELBO):  # noqa: N801 (Pyro's ELBO spelling)
@@ -72,14 +59,10 @@ class RBMixture_ELBO(ELBO):  # noqa: N801 (Pyro's ELBO spelling)
             guide._setup_prototype(*args, **kwargs)
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
-        posterior = posterior_of(guide, *args, **kwargs)
-        x, log_weights = posterior.rsample_components((self.num_particles,))
-        log_q = posterior.log_prob(x)
-        log_p = unconstrained_log_joint(
-            model, guide, x.reshape(-1, x.shape[-1]), args, kwargs,
-            max_plate_nesting=self.max_plate_nesting,
-        ).reshape(log_q.shape)
-        return rb_mixture_elbo(log_p, log_q, log_weights)
+        return rb_mixture_particle_elbos(
+            model, guide, args, kwargs,
+            num_particles=self.num_particles, max_plate_nesting=self.max_plate_nesting,
+        )
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:  # noqa: ANN001
         """Minus the ELBO estimate, differentiable in the guide's and model's parameters."""

@@ -35,7 +35,16 @@ import torch
 from pyro.infer.autoguide import AutoContinuous
 from pyro.poutine.util import prune_subsample_sites
 
-__all__ = ["FiniteMixture", "latent_site_name", "unconstrained_log_joint", "posterior_of"]
+__all__ = [
+    "FiniteMixture",
+    "SampleSummariesOnly",
+    "latent_site_name",
+    "model_plate_nesting",
+    "posterior_of",
+    "rb_mixture_elbo",
+    "rb_mixture_particle_elbos",
+    "unconstrained_log_joint",
+]
 
 
 @runtime_checkable
@@ -53,6 +62,32 @@ class FiniteMixture(Protocol):
     def rsample_components(
         self, sample_shape: torch.Size | tuple[int, ...] = ...
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class SampleSummariesOnly:
+    """Mixin for mixture guides: ``median``/``quantiles`` are refused (no closed form).
+
+    A mixture's median is not a component location and its quantiles have no closed form;
+    the message points to sample quantiles (``Predictive``). Put it before ``AutoContinuous``
+    in the bases.
+    """
+
+    def median(self, *args, **kwargs) -> dict:
+        """Not available: a mixture's median is not a component location and has no closed form.
+
+        Use ``Predictive(model, guide=guide, num_samples=...)`` and take sample quantiles.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form median; draw posterior samples "
+            "(Predictive) instead"
+        )
+
+    def quantiles(self, quantiles, *args, **kwargs) -> dict:  # noqa: ANN001
+        """Not available (see :meth:`median`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form quantiles; draw posterior samples "
+            "(Predictive) instead"
+        )
 
 
 def latent_site_name(guide: AutoContinuous) -> str:
@@ -86,6 +121,19 @@ def posterior_of(guide: AutoContinuous, *args, **kwargs) -> FiniteMixture:
             "has no rsample_components; RBMixture_ELBO needs a finite-mixture guide (AutoCWM)"
         )
     return posterior
+
+
+def model_plate_nesting(model, args: tuple, kwargs: dict) -> int:  # noqa: ANN001
+    """Depth of the model's vectorized plates (``max_plate_nesting``), from one prior run.
+
+    Only the model runs (no guide, no log-densities), so a guide that cannot be evaluated yet
+    (e.g. a diverged expert) does not stop the guess.
+    """
+    with poutine.block():
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
+    dims = [-frame.dim for site in trace.nodes.values() if site["type"] == "sample"
+            for frame in site["cond_indep_stack"] if frame.vectorized]
+    return max(dims, default=0)
 
 
 def _per_point(log_prob: torch.Tensor, dim: int, num_points: int) -> torch.Tensor:
@@ -135,3 +183,42 @@ def unconstrained_log_joint(
             if site["type"] == "sample" and site_name != name:
                 log_p = log_p + sign * _per_point(site["log_prob"], dim, num_points)
     return log_p
+
+
+def rb_mixture_elbo(
+    log_p: torch.Tensor, log_q: torch.Tensor, log_weights: torch.Tensor
+) -> torch.Tensor:
+    r"""Per-particle Rao-Blackwellized ELBO terms ``sum_k w_k (log p - log q)(x_k)``.
+
+    Shapes:
+        All inputs ``(N, K)``; returns ``(N,)``. Its mean over particles is an unbiased estimate
+        of the ELBO, and its gradient of the ELBO's gradient, when ``x_k`` and ``log_weights``
+        come from a finite mixture's ``rsample_components``.
+    """
+    return (log_weights.exp() * (log_p - log_q)).sum(-1)
+
+
+def rb_mixture_particle_elbos(
+    model,  # noqa: ANN001
+    guide: AutoContinuous,
+    args: tuple,
+    kwargs: dict,
+    *,
+    num_particles: int,
+    max_plate_nesting: int,
+) -> torch.Tensor:
+    """``num_particles`` Rao-Blackwellized ELBO terms of a finite-mixture guide; ``(N,)``.
+
+    Draws ``rsample_components((N,))`` from the guide's posterior, evaluates the model at all
+    ``N * K`` points in one vectorized run (:func:`unconstrained_log_joint`) and weights them
+    (:func:`rb_mixture_elbo`). ``RBMixture_ELBO`` and ``AutoFlowMixture.fit`` (stage 3) both
+    call this.
+    """
+    posterior = posterior_of(guide, *args, **kwargs)
+    x, log_weights = posterior.rsample_components((num_particles,))
+    log_q = posterior.log_prob(x)
+    log_p = unconstrained_log_joint(
+        model, guide, x.reshape(-1, x.shape[-1]), args, kwargs,
+        max_plate_nesting=max_plate_nesting,
+    ).reshape(log_q.shape)
+    return rb_mixture_elbo(log_p, log_q, log_weights)

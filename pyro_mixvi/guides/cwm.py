@@ -12,11 +12,12 @@ from pyro.nn import PyroParam
 from torch import nn
 
 from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture, init_classifier_params
+from pyro_mixvi.guides.base import SampleSummariesOnly
 
 __all__ = ["AutoCWM"]
 
 
-class AutoCWM(AutoContinuous):
+class AutoCWM(SampleSummariesOnly, AutoContinuous):
     r"""Classifier-weighted mixture guide over the model's flat unconstrained latent ``x``.
 
     .. math:: q(x) = \sum_k w_k(T_k(x))\, \mathcal{N}(T_k(x); 0, I)\, |\det \partial_x T_k(x)|
@@ -126,19 +127,4 @@ class AutoCWM(AutoContinuous):
         )
         return ClassifierWeightedMixture(
             self.locs, logits=self.logits, classifier_params=layers, **scales
-        )
-
-    def median(self, *args, **kwargs) -> dict:
-        """Not available: a mixture's median is not a component location and has no closed form.
-
-        Use ``Predictive(model, guide=guide, num_samples=...)`` and take sample quantiles.
-        """
-        raise NotImplementedError(
-            "AutoCWM has no closed-form median; draw posterior samples (Predictive) instead"
-        )
-
-    def quantiles(self, quantiles, *args, **kwargs) -> dict:  # noqa: ANN001
-        """Not available (see :meth:`median`)."""
-        raise NotImplementedError(
-            "AutoCWM has no closed-form quantiles; draw posterior samples (Predictive) instead"
         )

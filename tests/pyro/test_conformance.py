@@ -42,6 +42,7 @@ from pyro.poutine.util import site_is_subsample  # noqa: E402
 from pyro_mixvi import (  # noqa: E402
     SIVI_ELBO,
     AutoCWM,
+    AutoFlowMixture,
     AutoSIVI,
     RBMixture_ELBO,
     to_arviz,
@@ -102,6 +103,15 @@ CASES = [
         _rb_mixture_elbo,
         has_median=False,
         has_quantiles=False,
+    ),
+    GuideCase(
+        "AutoFlowMixture",
+        partial(AutoFlowMixture, experts=("maf", "maf"),
+                expert_kwargs={"maf": {"num_transforms": 2, "hidden_dims": (16,)}}),
+        _rb_mixture_elbo,
+        has_median=False,
+        has_quantiles=False,
+        param_store=False,
     ),
     GuideCase(
         "AutoSIVI",

@@ -1,0 +1,306 @@
+"""AutoFlowMixture: the finite-mixture protocol, the three fitting stages, errors, save/load.
+
+Budgets are tiny in the default run (2-layer flows of width 16, tens of steps); the claim that
+the fitted mixture beats each expert alone on AMF targets is checked under ``slow`` and measured
+at full budget by ``benchmarks/amf_model.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pyro = pytest.importorskip("pyro")
+
+import pyro.distributions as dist  # noqa: E402
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceGraph_ELBO  # noqa: E402
+from pyro.optim import Adam  # noqa: E402
+
+from pyro_mixvi import (  # noqa: E402
+    RBIG,
+    AutoFlowMixture,
+    FlowMixture,
+    RBMixture_ELBO,
+)
+from tests.properties import assert_normalized_2d  # noqa: E402
+
+SMALL = {"num_transforms": 2, "hidden_dims": (16,)}
+SMALL_KWARGS = {"maf": SMALL, "realnvp": SMALL}
+TINY_FIT = {"num_steps": 40, "num_particles": 8, "num_rbig_draws": 512, "num_weight_steps": 10,
+            "weight_batch_size": 256, "progress_bar": False}
+
+
+def gaussian_model():
+    """x ~ N((1, -2), diag(0.5^2, 1.5^2)): a 2-D posterior with known moments."""
+    loc = torch.tensor([1.0, -2.0])
+    pyro.sample("x", dist.Normal(loc, torch.tensor([0.5, 1.5])).to_event(1))
+
+
+def plated_model(y):
+    """A positive global scale and a plate of observations (constrained site + plate)."""
+    loc = pyro.sample("loc", dist.Normal(y.new_zeros(()), 2.0))
+    scale = pyro.sample("scale", dist.LogNormal(y.new_zeros(()), 0.5))
+    with pyro.plate("data", y.shape[-1]):
+        pyro.sample("obs", dist.Normal(loc, scale), obs=y)
+
+
+def make_guide(model=gaussian_model, experts=("maf", "realnvp"), **kwargs):
+    kwargs.setdefault("expert_kwargs", {k: v for k, v in SMALL_KWARGS.items() if k in experts})
+    return AutoFlowMixture(model, experts=experts, **kwargs)
+
+
+def test_initial_experts_sit_at_init_location(dtype):
+    guide = make_guide(init_scale=0.2)
+    guide()
+    loc = guide._init_loc()
+    posterior = guide.get_posterior()
+    assert isinstance(posterior, FlowMixture) and posterior.weights.dtype == dtype
+    torch.testing.assert_close(posterior.weights, torch.full((2,), 0.5))
+    with torch.no_grad():
+        x, _ = posterior.rsample_components((4000,))
+    assert x.shape == (4000, 2, 2) and x.dtype == dtype
+    # A random zuko flow at init is N(0, I) up to O(1) shifts and scales, so every expert's
+    # draws lie within a few init_scale of the init location (4000 draws: MC error negligible).
+    spread = (x - loc).abs().mean(0) / 0.2
+    assert bool((spread < 5).all()), spread
+
+
+def test_rsample_components_is_the_mixture_expectation(dtype):
+    """E[sum_k pi_k h(x_k)] equals E_q[h] estimated from ancestral draws."""
+    guide = make_guide(init_scale=0.5)
+    guide()
+    guide.weights = torch.tensor([0.3, 0.7])
+    posterior = guide.get_posterior()
+    n = 20000
+    with torch.no_grad():
+        x, log_w = posterior.rsample_components((n,))
+        draws = posterior.sample((n,))
+    torch.testing.assert_close(log_w.exp()[0], torch.tensor([0.3, 0.7]))
+
+    def h(v):
+        return v[..., 0] + v[..., 1] ** 2
+
+    rb = (log_w.exp() * h(x)).sum(-1).double().numpy()
+    plain = h(draws).double().numpy()
+    # Independent estimates: their difference has sd sqrt(var_rb / n + var_plain / n); 4 sd.
+    se = math.sqrt(rb.var() / n + plain.var() / n)
+    assert abs(rb.mean() - plain.mean()) < 4 * se
+
+
+def test_log_prob_integrates_to_one(dtype):
+    guide = make_guide(init_scale=0.5)
+    guide()
+    guide.weights = torch.tensor([0.4, 0.6])
+    posterior = guide.get_posterior()
+    with torch.no_grad():
+        draws = posterior.sample((20000,))
+    lo = draws.min(0).values - 2.0
+    hi = draws.max(0).values + 2.0
+    bounds = (float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1]))
+
+    def log_prob(points):
+        with torch.no_grad():
+            return posterior.log_prob(torch.as_tensor(points, dtype=dtype)).double().numpy()
+
+    # The box holds every one of 20000 draws plus 2 units of margin (mass outside < 1e-3);
+    # 400 cells a side keeps the midpoint-rule error under 0.01 for these smooth densities.
+    assert_normalized_2d(log_prob, bounds, num=400, atol=0.02)
+
+
+def test_fit_runs_all_stages_and_keeps_the_bounds(dtype):
+    pyro.set_rng_seed(1)
+    guide = make_guide(experts=("maf", "realnvp", "rbig"))
+    result = guide.fit(**TINY_FIT, num_joint_steps=5)
+    assert len(result.expert_losses) == 3
+    assert result.expert_losses[0].shape == (40,) and result.expert_losses[2].shape == (0,)
+    assert result.weights.shape == (3,) and result.weights.dtype == dtype
+    torch.testing.assert_close(result.weights.sum(), torch.ones(()))
+    assert bool((result.weights > 0).all())
+    torch.testing.assert_close(result.n_eff, 1 / result.weights.square().sum())
+    assert result.joint_losses.shape == (5,) and bool(torch.isfinite(result.joint_losses).all())
+    assert isinstance(guide.expert_modules[2], RBIG) and guide.expert_modules[2].centers.shape[0]
+    posterior = guide.get_posterior()
+    torch.testing.assert_close(posterior.weights.detach(), result.weights)
+    # The mixture ELBO is at least the pi-weighted mean of the experts' own ELBOs (log q_mix >=
+    # log pi_k + log q_k does not bound it; the exact identity is
+    # ELBO_mix = sum_k pi_k ELBO_k + sum_k pi_k KL(q_k || q_mix) >= sum_k pi_k ELBO_k).
+    # Each term is a mean over 4000 draws; the tolerance is 4 standard errors of the difference.
+    target = dist.Normal(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.5])).to_event(1)
+    n = 4000
+    with torch.no_grad():
+        x, log_w = posterior.rsample_components((n,))
+        terms = target.log_prob(x) - posterior.log_prob(x)  # (n, K)
+        own = torch.stack([target.log_prob(x[:, k]) - d.log_prob(x[:, k])
+                           for k, d in enumerate(posterior._dists)], -1)
+    pi = log_w[0].exp()
+    gap = ((terms - own) * pi).sum(-1).double()  # per-draw estimate of sum_k pi_k KL(q_k||q_mix)
+    assert float(gap.mean()) > -4 * float(gap.std()) / math.sqrt(n)
+    elbo = float((terms * pi).sum(-1).mean())
+    assert elbo <= 1e-2 + 4 * float((terms * pi).sum(-1).std()) / math.sqrt(n)  # log Z = 0
+
+
+def _expert_kls(guide, n=4000):
+    """Per-expert ``E_{q_k}[log q_k - log p]`` (KL(q_k || p), as log Z = 0) and its std error."""
+    target = dist.Normal(torch.tensor([1.0, -2.0]), torch.tensor([0.5, 1.5])).to_event(1)
+    out = []
+    with torch.no_grad():
+        for module in guide.expert_modules:
+            x, log_q = module().rsample_and_log_prob((n,))
+            terms = (log_q - target.log_prob(x)).double()
+            out.append((float(terms.mean()), float(terms.std()) / math.sqrt(n)))
+    return out
+
+
+def test_stage1_lowers_each_experts_kl():
+    pyro.set_rng_seed(2)
+    guide = make_guide(init_scale=0.1)
+    guide()
+    before = _expert_kls(guide)
+    result = guide.fit(**{**TINY_FIT, "num_steps": 150})
+    after = _expert_kls(guide)
+    assert [len(losses) for losses in result.expert_losses] == [150, 150]
+    for (kl0, se0), (kl1, se1) in zip(before, after, strict=True):
+        # Init: scale 0.1 against posterior sds 0.5 and 1.5, KL ~ 3 nats. 4 standard errors.
+        assert kl1 < kl0 - 4 * math.hypot(se0, se1), (kl0, kl1)
+        assert kl1 > -4 * se1  # a KL is non-negative
+
+
+def test_broken_expert_gets_weight_zero_and_no_nan(dtype):
+    pyro.set_rng_seed(3)
+    guide = make_guide()
+    guide()
+    with torch.no_grad():
+        guide.expert_modules[0].loc.fill_(math.nan)  # MAF now has a NaN density everywhere
+    with pytest.warns(RuntimeWarning, match="expert 0"):
+        result = guide.fit(**TINY_FIT)
+    assert result.expert_losses[0].shape == (0,)
+    assert float(result.weights[0]) == 0.0 and float(result.weights[1]) == 1.0
+    assert guide.expert_mask.tolist() == [False, True]
+    posterior = guide.get_posterior()
+    with torch.no_grad():
+        x, log_w = posterior.rsample_components((50,))
+        assert x.shape == (50, 1, 2) and bool(torch.isfinite(posterior.log_prob(x)).all())
+    # The broken expert stays out of an ordinary SVI loop, too.
+    svi = SVI(gaussian_model, guide, Adam({"lr": 1e-3}), RBMixture_ELBO(num_particles=4))
+    assert math.isfinite(svi.step())
+
+
+def test_every_expert_broken_raises():
+    guide = make_guide()
+    guide()
+    with torch.no_grad():
+        for module in guide.expert_modules:
+            module.loc.fill_(math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(FloatingPointError, match="lower lr"):
+            guide.fit(**TINY_FIT)
+
+
+def test_fit_respects_plates_and_constraints(dtype):
+    pyro.set_rng_seed(4)
+    y = 1.0 + 0.5 * torch.randn(30)
+    guide = make_guide(plated_model, experts=("maf", "rbig"))
+    guide.fit(y, **TINY_FIT)
+    samples = Predictive(plated_model, guide=guide, num_samples=200)(y)
+    assert samples["scale"].shape == (200, 1) and bool((samples["scale"] > 0).all())
+    assert samples["obs"].shape == (200, 30) and samples["obs"].dtype == dtype
+
+
+def test_state_dict_and_torch_save_round_trip_after_fit(tmp_path):
+    pyro.set_rng_seed(5)
+    guide = make_guide(experts=("maf", "realnvp", "rbig"))
+    guide.fit(**TINY_FIT)
+    x = torch.randn(7, 2)
+    with torch.no_grad():
+        expected = guide.get_posterior().log_prob(x)
+    state = guide.state_dict()
+    pyro.clear_param_store()
+    fresh = make_guide(experts=("maf", "realnvp", "rbig"))
+    fresh()
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.get_posterior().log_prob(x), expected)
+    buffer = io.BytesIO()
+    torch.save(guide, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.get_posterior().log_prob(x), expected)
+
+
+@pytest.mark.parametrize(
+    "elbo",
+    [Trace_ELBO(), Trace_ELBO(num_particles=3, vectorize_particles=True), TraceGraph_ELBO()],
+    ids=["Trace_ELBO", "Trace_ELBO-vectorized", "TraceGraph_ELBO"],
+)
+def test_stock_elbos_raise_and_point_to_rb_mixture_elbo(elbo):
+    guide = make_guide()
+    with pytest.raises(NotImplementedError, match="RBMixture_ELBO"):
+        SVI(gaussian_model, guide, Adam({"lr": 1e-2}), elbo).step()
+
+
+def test_median_and_quantiles_point_to_predictive():
+    guide = make_guide()
+    guide()
+    with pytest.raises(NotImplementedError, match="Predictive"):
+        guide.median()
+    with pytest.raises(NotImplementedError, match="Predictive"):
+        guide.quantiles([0.5])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"experts": ()}, "experts"),
+        ({"experts": ("maf", "glow")}, "glow"),
+        ({"experts": ("rbig",)}, "parametric"),
+        ({"experts": ("maf",), "expert_kwargs": {"realnvp": {}}}, "expert_kwargs"),
+        ({"init_scale": 0.0}, "init_scale"),
+    ],
+)
+def test_constructor_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoFlowMixture(gaussian_model, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_steps": 0}, "num_steps"),
+        ({"num_particles": 0}, "num_particles"),
+        ({"num_weight_steps": 0}, "num_weight_steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"beta": 1.0}, "beta"),
+        ({"weight_update": "mle"}, "weight_update"),
+        ({"num_joint_steps": -1}, "num_joint_steps"),
+    ],
+)
+def test_fit_errors_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_guide().fit(**kwargs)
+
+
+def test_realnvp_on_a_one_dimensional_latent_is_refused():
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="realnvp"):
+        AutoFlowMixture(model)()
+
+
+def test_discrete_latent_and_no_latent_errors():
+    def discrete():
+        pyro.sample("k", dist.Categorical(torch.ones(3)))
+
+    def observed_only():
+        pyro.sample("obs", dist.Normal(0.0, 1.0), obs=torch.tensor(0.0))
+
+    with pytest.raises(ValueError, match="enumeration"):
+        AutoFlowMixture(discrete)()
+    with pytest.raises(RuntimeError, match="no latent"):
+        AutoFlowMixture(observed_only)()
