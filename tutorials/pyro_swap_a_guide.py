@@ -182,7 +182,7 @@ results["AutoCWM"] = check("AutoCWM", guide)
 
 # %%
 guide = AutoSIVI(eight_schools, hidden_dims=(64, 64))  # was: AutoNormal(eight_schools)
-run_svi(guide, SIVI_ELBO(num_importance_samples=32), lr=1e-3)  # was: Trace_ELBO()
+run_svi(guide, SIVI_ELBO(num_importance_samples=32))  # was: Trace_ELBO()
 results["AutoSIVI"] = check("AutoSIVI", guide)
 
 # %% [markdown]

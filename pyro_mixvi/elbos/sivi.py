@@ -26,8 +26,14 @@ class SIVI_ELBO(Trace_ELBO):
     on the same pair ``(eps, z)`` in the same step (joint update; the two gradients touch
     disjoint parameters, see ``benchmarks/sivi_toys.py`` for the joint-vs-alternating measurement).
 
-    The reported loss is ``-(log p(z) - log q_hat(z))`` averaged over particles: an honest ELBO
-    estimate, biased towards a higher ELBO by ``E[log q - log q_hat] = O(1/k)`` (Jensen).
+    Each particle's own mixing draw ``eps`` takes one of the ``k`` importance slots (for the
+    prior proposal the SIVI bound of Yin & Zhou 2018, for the flow the importance-weighted
+    hierarchical bound of Sobolev & Vetrov 2019): the weights stay bounded when the proposal
+    misses, which keeps training stable, and ``E log q_hat >= log q``. So the loss returned by
+    ``loss_and_grads`` (the one ``svi.step`` returns), ``-(log p(z) - log q_hat(z))`` averaged
+    over particles, is an honest ELBO estimate biased towards a *lower* ELBO by ``O(1/k)``.
+    ``loss`` (``svi.evaluate_loss``) has no own draws: it uses ``log_prob``, the paper's
+    estimator, biased towards a *higher* ELBO by ``O(1/k)`` (Jensen); the two bracket the ELBO.
 
     Args:
         num_particles: Draws of ``z`` per step.

@@ -97,16 +97,19 @@ def gaussian_setup(dtype):
     guide()
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
-        guide.generator.net[0].weight.copy_(torch.randn(2, 2, generator=gen))
+        matrix = torch.randn(2, 2, generator=gen)
+        guide.generator.net[0].weight.copy_(matrix / guide.generator.output_multiplier)
         guide.generator.loc.copy_(torch.randn(2, generator=gen))
     return model, guide, dist.MultivariateNormal(target_loc, target_cov)
 
 
 def exact_elbo(guide, target):
-    weight = guide.generator.net[0].weight
+    # mu(eps) = loc + (W eps + b) * output_multiplier for the affine generator.
+    multiplier = guide.generator.output_multiplier
+    weight = guide.generator.net[0].weight * multiplier
     sigma = torch.nn.functional.softplus(guide.generator.raw_scale)
     cov = weight @ weight.T + torch.diag(sigma**2)
-    q = dist.MultivariateNormal(guide.generator.loc + guide.generator.net[0].bias, cov)
+    q = dist.MultivariateNormal(guide.generator.loc + guide.generator.net[0].bias * multiplier, cov)
     # E_q log p for Gaussians + entropy of q.
     prec = target.precision_matrix
     diff = q.loc - target.loc

@@ -18,11 +18,12 @@ def affine_generator(mixing_dim, latent_dim, *, gain, sigma, seed=1):
     module = ConditionalNormalGenerator(
         mixing_dim, torch.zeros(latent_dim), (), init_scale=sigma
     )
+    matrix = gain * torch.randn(latent_dim, mixing_dim, generator=gen)  # mu(eps) = loc + A eps
     with torch.no_grad():
-        linear = module.net[0]
-        linear.weight.copy_(gain * torch.randn(latent_dim, mixing_dim, generator=gen))
+        # The generator scales its last layer's output by output_multiplier (1 / fan_in).
+        module.net[0].weight.copy_(matrix / module.output_multiplier)
         module.loc.copy_(torch.randn(latent_dim, generator=gen))
-    cov = linear.weight @ linear.weight.T + sigma**2 * torch.eye(latent_dim)
+    cov = matrix @ matrix.T + sigma**2 * torch.eye(latent_dim)
     exact = torch.distributions.MultivariateNormal(module.loc.detach(), cov.detach())
     return module, exact
 
@@ -181,9 +182,33 @@ def test_own_mixing_estimator_is_bounded_and_consistent(dtype):
                                own_mixing=eps)[1]
         err[k] = float(((est - truth) ** 2).sum(-1).mean())
     assert err[1024] < err[4] / 10, err
-    with pytest.raises(ValueError, match="only valid with the prior"):
-        importance_score(z, generator, object(), mixing_dim=2, num_importance_samples=4,
-                         own_mixing=eps)
+
+
+def test_own_mixing_with_flow_proposal_bounds_log_q_from_above(dtype):
+    # With the draw's own eps in one of the k slots (importance-weighted hierarchical bound,
+    # Sobolev & Vetrov 2019), E log q_hat >= log q; without it, E log q_hat <= log q (Jensen).
+    # Both are checked against the exact Gaussian marginal on average over 400 points x 20
+    # repetitions, with 4 standard errors of that average as slack; the score stays consistent.
+    torch.manual_seed(0)
+    generator, exact = affine_generator(2, 2, gain=1.5, sigma=0.3)
+    flow = train_proposal(generator, 2, 2, steps=200)
+    q = SemiImplicitNormal(generator, None, mixing_dim=2, latent_dim=2,
+                           num_importance_samples=1, prototype=generator.loc)
+    with torch.no_grad():
+        z, eps = q.rsample_with_mixing((400,))
+    log_q = exact.log_prob(z)
+    for own, sign in ((eps, 1.0), (None, -1.0)):
+        gaps = torch.stack([
+            importance_score(z, generator, flow, mixing_dim=2, num_importance_samples=4,
+                             own_mixing=own)[0] - log_q
+            for _ in range(20)])
+        slack = 4 * float(gaps.mean(0).std()) / math.sqrt(z.shape[0])
+        assert sign * float(gaps.mean()) > -slack, (own is None, float(gaps.mean()), slack)
+    truth = exact_score(exact, z)
+    err = {k: float(((importance_score(z, generator, flow, mixing_dim=2,
+                                        num_importance_samples=k, own_mixing=eps)[1]
+                      - truth) ** 2).sum(-1).mean()) for k in (4, 512)}
+    assert err[512] < err[4] / 4, err
 
 
 @pytest.mark.parametrize("k", [0, -3])
