@@ -8,6 +8,12 @@ Same estimator as ``pyro_mixvi._sivi``: with proposal draws
 Every input is wrapped in ``stop_gradient`` (the proposal's context :math:`\tilde z = z` is
 detached), so no tangent is carried through the ``k`` draws, which run in a ``lax.scan`` over
 chunks: memory is ``O(chunk_size * N * (m + D))`` whatever ``k`` is.
+
+The three choices that keep training stable at ``AutoNormal``'s learning rates are those of
+``pyro_mixvi._sivi`` (measured on centered eight schools): the mixing network's output is scaled
+by ``1 / fan_in`` of its last layer (one Adam step moves ``mu(eps)`` by ``O(lr)``), the flow
+proposal sees the standardized point ``(z - loc) / sigma`` (:class:`StandardizedProposal`) and
+starts as the prior, and in training the draw's own ``eps`` takes one of the ``k`` slots.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -23,6 +30,7 @@ from numpyro.distributions import Distribution, constraints
 
 __all__ = [
     "SemiImplicitNormal",
+    "StandardizedProposal",
     "generator_apply",
     "generator_init",
     "importance_score",
@@ -44,8 +52,11 @@ def generator_init(
 ) -> dict[str, Any]:
     """Parameters of ``q(z | eps) = N(mu(eps), sigma(eps)^2)``; ``q = N(init_loc, init_scale^2)``.
 
-    ``mu(eps) = loc + MLP(eps)`` (ReLU, zero-initialized last layer, torch-style uniform fan-in
-    init elsewhere); ``sigma = softplus(raw_scale [+ MLP_scale(eps)])``.
+    ``mu(eps) = loc + MLP(eps) / fan_in`` (ReLU, zero-initialized last layer, torch-style
+    uniform fan-in init elsewhere); ``sigma = softplus(raw_scale [+ MLP_scale(eps) / fan_in])``.
+    ``fan_in`` is the input width of the last layer: with Adam each of its weights moves by about
+    ``lr`` per step, so without the factor ``mu(eps)`` would move ``fan_in`` times faster than
+    ``loc`` (the cause of divergence on funnels at lr >= 1e-2).
     """
     latent_dim = init_loc.shape[-1]
     dtype = init_loc.dtype
@@ -76,7 +87,7 @@ def generator_apply(params: dict[str, Any], eps: jax.Array) -> tuple[jax.Array, 
     for weight, bias in params["net"][:-1]:
         hidden = jax.nn.relu(hidden @ weight + bias)
     weight, bias = params["net"][-1]
-    out = hidden @ weight + bias
+    out = (hidden @ weight + bias) / weight.shape[0]
     latent_dim = params["loc"].shape[-1]
     loc = params["loc"] + out[..., :latent_dim]
     raw_scale = params["raw_scale"]
@@ -110,13 +121,44 @@ def _typed_key(rng_key: jax.Array) -> jax.Array:
     return jax.random.wrap_key_data(rng_key)
 
 
+class StandardizedProposal(eqx.Module):
+    r"""Proposal :math:`\tau(\epsilon \mid z) = \mathrm{flow}(\epsilon \mid (z - loc) / \sigma)`.
+
+    ``loc`` and ``scale`` are the generator's global location and scale (held under
+    ``stop_gradient``), so the flow sees contexts of order one whatever the posterior's location
+    and scale; at fixed generator parameters this is a function of ``z`` alone, as importance
+    sampling needs. Same methods as a flowjax conditional distribution.
+
+    Args:
+        flow: flowjax conditional distribution over ``eps`` with ``cond_shape == (D,)``.
+        loc: ``(D,)``.
+        scale: ``(D,)``, positive.
+    """
+
+    flow: Any
+    loc: jax.Array
+    scale: jax.Array
+
+    def _context(self, condition):
+        return (condition - lax.stop_gradient(self.loc)) / lax.stop_gradient(self.scale)
+
+    def sample_and_log_prob(self, key, sample_shape=(), condition=None):
+        return self.flow.sample_and_log_prob(key, sample_shape, condition=self._context(condition))
+
+    def log_prob(self, x, condition=None):
+        return self.flow.log_prob(x, condition=self._context(condition))
+
+
+def _log_prior(eps, mixing_dim):
+    return -0.5 * (eps**2).sum(-1) - 0.5 * mixing_dim * math.log(2 * math.pi)
+
+
 def _draw_chunk(rng_key, z, generator_params, proposal, mixing_dim, num_draws):
     if proposal is None:
         eps = jax.random.normal(rng_key, (num_draws, z.shape[0], mixing_dim), z.dtype)
         return _log_weights_at(z, generator_params, eps, 0.0)
     eps, log_tau = proposal.sample_and_log_prob(_typed_key(rng_key), (num_draws,), condition=z)
-    log_prior = -0.5 * (eps**2).sum(-1) - 0.5 * mixing_dim * math.log(2 * math.pi)
-    return _log_weights_at(z, generator_params, eps, log_prior - log_tau)
+    return _log_weights_at(z, generator_params, eps, _log_prior(eps, mixing_dim) - log_tau)
 
 
 def _merge(carry, log_w, grads):
@@ -154,9 +196,12 @@ def importance_score(
         mixing_dim: ``m``.
         num_importance_samples: ``k >= 1`` (a Python int: it fixes shapes).
         chunk_size: Draws per ``lax.scan`` step (default ``k``); merged exactly.
-        own_mixing: ``(..., m)``, the ``eps`` that generated each ``z``; prior proposal only.
-            It takes one of the ``k`` slots (BSIVI / SIVI bound of Yin & Zhou 2018): stable at
-            small ``k``, ``log_q`` then biased high by ``O(1/k)`` instead of low.
+        own_mixing: ``(..., m)``, the ``eps`` that generated each ``z`` (a draw from
+            ``q(eps | z)``). It takes one of the ``k`` slots with the proposal draws' weight
+            formula: the SIVI bound of Yin & Zhou 2018 for the prior, the importance-weighted
+            hierarchical bound of Sobolev & Vetrov 2019 for a flow. ``E log_q >= log q`` (biased
+            high by ``O(1/k)``), the weights stay bounded when the proposal misses
+            ``q(eps | z)``, and the score is unchanged in expectation when ``tau = q(eps | z)``.
 
     Cost:
         ``k`` generator (and proposal) passes per point, no tangents.
@@ -166,8 +211,6 @@ def importance_score(
     chunk = num_importance_samples if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk}")
-    if own_mixing is not None and proposal is not None:
-        raise ValueError("own_mixing is only valid with the prior proposal (proposal=None)")
     z, generator_params, proposal = _detach((z, generator_params, proposal))
     batch_shape = z.shape[:-1]
     flat = z.reshape(-1, z.shape[-1])
@@ -176,7 +219,11 @@ def importance_score(
     num_fresh = num_importance_samples
     if own_mixing is not None:
         eps = lax.stop_gradient(own_mixing).reshape(1, -1, mixing_dim)
-        own = _log_weights_at(flat, generator_params, eps, 0.0)
+        log_ratio = 0.0
+        if proposal is not None:
+            log_tau = proposal.log_prob(eps[0], condition=flat)[None]
+            log_ratio = _log_prior(eps, mixing_dim) - log_tau
+        own = _log_weights_at(flat, generator_params, eps, log_ratio)
         log_total, score = _merge((log_total, score), *own)
         num_fresh -= 1
     if num_fresh > 0:
@@ -204,7 +251,8 @@ class SemiImplicitNormal(Distribution):
     is the path-gradient surrogate: :math:`\hat s(z)` in ``z``, zero in the parameters at fixed
     ``z``. Given the intermediates of a flow-proposal draw it adds the proposal's forward-KL
     surrogate ``-log tau(eps | z) + stop_gradient(...)`` (value 0), so ``Trace_ELBO`` trains the
-    proposal jointly; with the prior proposal the draw's own ``eps`` takes one of the ``k`` slots.
+    proposal jointly; with intermediates the draw's own ``eps`` takes one of the ``k`` slots (see
+    :func:`importance_score`), so that ``log_prob`` is biased high and the ELBO it gives low.
 
     Shapes:
         ``sample(key, sample_shape)`` is ``sample_shape + batch_shape + (D,)``;
@@ -290,8 +338,7 @@ class SemiImplicitNormal(Distribution):
                 "SemiImplicitNormal.log_prob is a Monte Carlo estimate and needs a key: build the "
                 "distribution with rng_key=... (AutoSIVI.get_posterior(params, rng_key=...))"
             )
-        own = eps if (eps is not None and self.proposal is None) else None
-        log_q, score = self.importance_score(key, value, own)
+        log_q, score = self.importance_score(key, value, eps)
         log_q = log_q + (score * (value - lax.stop_gradient(value))).sum(-1)
         if eps is not None and self.proposal is not None:
             eps, context = lax.stop_gradient((eps, value))

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpyro
@@ -14,7 +15,7 @@ from numpyro.distributions import biject_to
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
-from .._sivi import SemiImplicitNormal, generator_init
+from .._sivi import SemiImplicitNormal, StandardizedProposal, generator_init
 from ..flows import MAF, RealNVP
 
 __all__ = ["AutoSIVI"]
@@ -28,15 +29,35 @@ def _check_positive_int(name: str, value: int) -> None:
 
 
 def _make_flow_proposal(rng_key, mixing_dim, latent_dim, num_transforms, hidden_dims):
-    """Conditional flow ``tau(eps | z)``: RealNVP (``m >= 2``) or, for ``m = 1``, an affine MAF."""
+    """Conditional flow ``tau(eps | z)``: RealNVP (``m >= 2``) or, for ``m = 1``, an affine MAF.
+
+    The last layer of every conditioner MLP is zero, so the flow starts as the prior
+    ``N(0, I_m)`` (flowjax builds each transformer at ``initial + conditioner output``).
+    """
     factory = RealNVP if mixing_dim >= 2 else MAF
-    return factory(
+    flow = factory(
         rng_key,
         mixing_dim,
         context_dim=latent_dim,
         num_transforms=num_transforms,
         hidden_dims=hidden_dims,
     )
+    return jax.tree.map(
+        _zero_last_layer, flow, is_leaf=lambda node: isinstance(node, eqx.nn.MLP)
+    )
+
+
+def _zero_last_layer(node):
+    """An equinox MLP with a zero last layer (float leaves only: a masked layer's mask stays)."""
+    if not isinstance(node, eqx.nn.MLP):
+        return node
+
+    def zero(leaf):
+        if eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact):
+            return jnp.zeros_like(leaf)
+        return leaf
+
+    return eqx.tree_at(lambda mlp: mlp.layers[-1], node, jax.tree.map(zero, node.layers[-1]))
 
 
 class AutoSIVI(AutoContinuous):
@@ -195,7 +216,11 @@ class AutoSIVI(AutoContinuous):
         proposal = self._score_override.get("proposal") or self.proposal
         flow = None
         if proposal == "flow":
-            flow = register_params(f"{self.prefix}_proposal", self._proposal_init)
+            flow = StandardizedProposal(
+                register_params(f"{self.prefix}_proposal", self._proposal_init),
+                params["loc"],
+                jax.nn.softplus(params["raw_scale"]),
+            )
         return SemiImplicitNormal(
             params,
             flow,

@@ -90,13 +90,14 @@ def gaussian_setup():
     params = {k: v["value"] for k, v in params.items() if v["type"] == "param"}
     key_w, key_b = jax.random.split(jax.random.key(2))
     dtype = params["auto_loc"].dtype
-    params["auto_net"] = [(jax.random.normal(key_w, (2, 2), dtype), jnp.zeros(2, dtype))]
+    # generator_apply divides the last layer's output by its fan_in (2 here).
+    params["auto_net"] = [(2 * jax.random.normal(key_w, (2, 2), dtype), jnp.zeros(2, dtype))]
     params["auto_loc"] = jax.random.normal(key_b, (2,), dtype)
     return model, guide, params, dist.MultivariateNormal(target_loc, target_cov)
 
 
 def exact_neg_elbo(params, target):
-    weight, bias = params["auto_net"][0]
+    weight, bias = (value / 2 for value in params["auto_net"][0])
     sigma = jax.nn.softplus(params["auto_raw_scale"])
     cov = weight.T @ weight + jnp.diag(sigma**2)
     q = dist.MultivariateNormal(params["auto_loc"] + bias, cov)

@@ -30,7 +30,8 @@ def affine_generator(mixing_dim, latent_dim, *, gain, sigma, seed=1):
     params = generator_init(key_a, mixing_dim, jnp.zeros(latent_dim, dtype), (), init_scale=sigma)
     weight = gain * jax.random.normal(key_a, (mixing_dim, latent_dim), dtype)
     loc = jax.random.normal(key_b, (latent_dim,), dtype)
-    params = {**params, "loc": loc, "net": [(weight, jnp.zeros(latent_dim, dtype))]}
+    # generator_apply divides the last layer's output by its fan_in (mixing_dim here).
+    params = {**params, "loc": loc, "net": [(weight * mixing_dim, jnp.zeros(latent_dim, dtype))]}
     cov = weight.T @ weight + sigma**2 * jnp.eye(latent_dim, dtype=dtype)
     return params, loc, cov
 
@@ -167,6 +168,29 @@ def test_own_mixing_estimator_is_consistent(x64):
                                num_importance_samples=k, own_mixing=eps)[1]
         err[k] = float(((est - truth) ** 2).sum(-1).mean())
     assert err[1024] < err[4] / 10, err
+
+
+def test_own_mixing_with_flow_proposal_bounds_log_q_from_above(x64):
+    # With the draw's own eps in one of the k slots (importance-weighted hierarchical bound,
+    # Sobolev & Vetrov 2019), E log q_hat >= log q; without it, E log q_hat <= log q (Jensen).
+    # Checked on average over 400 points x 20 repetitions against the exact Gaussian marginal,
+    # with 4 standard errors of that average as slack; the score stays consistent in k.
+    params, loc, cov = affine_generator(2, 2, gain=1.5, sigma=0.3)
+    flow = train_proposal(params, 2, 2, jax.random.key(3))
+    z, eps = sample_q(jax.random.key(0), params, 2, 400)
+    log_q = multivariate_normal.logpdf(z, loc, cov)
+    keys = jax.random.split(jax.random.key(5), 20)
+    for own, sign in ((eps, 1.0), (None, -1.0)):
+        gaps = jax.vmap(lambda key, own=own: importance_score(
+            key, z, params, flow, mixing_dim=2, num_importance_samples=4, own_mixing=own)[0]
+            - log_q)(keys)
+        slack = 4 * float(gaps.mean(0).std()) / math.sqrt(z.shape[0])
+        assert sign * float(gaps.mean()) > -slack, (own is None, float(gaps.mean()), slack)
+    truth = exact_score(loc, cov, z)
+    err = {k: float(((importance_score(jax.random.key(k), z, params, flow, mixing_dim=2,
+                                       num_importance_samples=k, own_mixing=eps)[1]
+                      - truth) ** 2).sum(-1).mean()) for k in (4, 512)}
+    assert err[512] < err[4] / 4, err
 
 
 @pytest.mark.parametrize("k", [0, -3])
