@@ -42,9 +42,21 @@ def fit(
 ) -> Fitted:
     """Train ``spec``'s guide on ``model`` for ``budget.num_steps`` jitted Adam steps (``SVI.run``).
 
+    A guide with ``spec.trainer == "fit"`` trains by its own staged ``fit`` instead
+    (:meth:`GuideSpec.fit_keywords`); its losses are the stages' losses end to end.
+
     Raises:
         FloatingPointError: If the loss becomes non-finite (the message names the first such step).
     """
+    if spec.trainer == "fit":
+        guide = spec.make_guide(model)
+        params, result = guide.fit(
+            jax.random.PRNGKey(seed), *args, **spec.fit_keywords(budget), **kwargs
+        )
+        losses = np.concatenate(
+            [np.asarray(x, dtype=np.float64) for x in (*result.expert_losses, result.joint_losses)]
+        )
+        return Fitted(model, guide, params, args, kwargs, losses)
     guide, svi = _svi(model, spec, budget)
     result = svi.run(
         jax.random.PRNGKey(seed), budget.num_steps, *args, progress_bar=False, **kwargs

@@ -71,9 +71,19 @@ def fit(
 ) -> Fitted:
     """Train ``spec``'s guide on ``model`` for ``budget.num_steps`` Adam steps.
 
+    A guide with ``spec.trainer == "fit"`` trains by its own staged ``fit`` instead
+    (:meth:`GuideSpec.fit_keywords`); its losses are the stages' losses end to end.
+
     Raises:
         FloatingPointError: If the loss becomes non-finite (the message names the step).
     """
+    if spec.trainer == "fit":
+        pyro.clear_param_store()
+        pyro.set_rng_seed(seed)
+        guide = spec.make_guide(model)
+        result = guide.fit(*args, **spec.fit_keywords(budget), **kwargs)
+        losses = torch.cat([*result.expert_losses, result.joint_losses]).detach()
+        return Fitted(model, guide, args, kwargs, losses.double().numpy())
     guide, svi, loss, _ = _start(model, args, kwargs, spec, budget, seed)
     losses = [loss]
     _check_finite(loss, 0, spec)

@@ -59,6 +59,9 @@ class GuideSpec(NamedTuple):
         options: Keyword options of the guide constructor.
         elbo_options: Keyword options of the ELBO besides ``num_particles``.
         builtin: Whether the guide ships with Pyro/NumPyro (a baseline) rather than mixvi.
+        trainer: ``None`` to train with ``SVI`` and :attr:`elbo`; ``"fit"`` for a guide trained
+            by its own staged ``fit`` method (AutoFlowMixture), the budget's steps split evenly
+            over the experts it trains so the number of gradient steps stays the same.
     """
 
     name: str
@@ -68,6 +71,7 @@ class GuideSpec(NamedTuple):
     options: Mapping[str, Any] = {}
     elbo_options: Mapping[str, Any] = {}
     builtin: bool = False
+    trainer: str | None = None
 
     def unavailable_reason(self) -> str | None:
         """``None`` if the guide and its ELBO import here, else why not (for the skip list)."""
@@ -81,6 +85,18 @@ class GuideSpec(NamedTuple):
     def make_guide(self, model: Callable) -> Any:
         """A fresh guide for ``model``."""
         return _load(self.guide)(model, **self.options)
+
+    def fit_keywords(self, budget: Any) -> dict[str, Any]:
+        """Keywords of the guide's own ``fit`` (``trainer="fit"``) that spend ``budget``: its
+        steps split evenly over the trained (non-RBIG) experts, its learning rate and particles."""
+        experts = self.options.get("experts", ("maf", "realnvp", "rbig"))
+        num_trained = max(1, sum(expert != "rbig" for expert in experts))
+        return {
+            "num_steps": max(1, budget.num_steps // num_trained),
+            "lr": budget.learning_rate,
+            "num_particles": budget.num_particles,
+            "progress_bar": False,
+        }
 
     def make_elbo(self, num_particles: int, *, vectorize: bool = True) -> Any:
         """A fresh ELBO drawing ``num_particles`` particles per step (vectorized in Pyro)."""
@@ -102,6 +118,7 @@ def register_guide(
     elbo: str | Callable | None = None,
     elbo_options: Mapping[str, Any] | None = None,
     builtin: bool = False,
+    trainer: str | None = None,
     **options: Any,
 ) -> GuideSpec:
     """Add (or replace) a guide in :data:`GUIDES`; ``elbo`` defaults to the host's ``Trace_ELBO``.
@@ -112,7 +129,11 @@ def register_guide(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     elbo = elbo or f"{backend}.infer:Trace_ELBO"
-    spec = GuideSpec(name, backend, guide, elbo, dict(options), dict(elbo_options or {}), builtin)
+    if trainer not in (None, "fit"):
+        raise ValueError(f"trainer must be None or 'fit'; got {trainer!r}")
+    spec = GuideSpec(
+        name, backend, guide, elbo, dict(options), dict(elbo_options or {}), builtin, trainer
+    )
     GUIDES[backend][name] = spec
     return spec
 
@@ -152,7 +173,8 @@ for _backend in BACKENDS:
     )
     register_guide("AutoSIVI", _backend, f"{_pkg}:AutoSIVI", elbo=f"{_pkg}:SIVI_ELBO")
     register_guide(
-        "AutoFlowMixture", _backend, f"{_pkg}:AutoFlowMixture", elbo=f"{_pkg}:RBMixture_ELBO"
+        "AutoFlowMixture", _backend, f"{_pkg}:AutoFlowMixture", elbo=f"{_pkg}:RBMixture_ELBO",
+        trainer="fit",
     )
 
 

@@ -106,3 +106,17 @@ def test_predictive_of_a_point_mass():
     expected = np.mean(np.where(y > 0.5, np.log(p), np.log1p(-p)))
     assert out["test_log_lik"] == pytest.approx(expected, rel=1e-12)
     assert out["test_accuracy"] == pytest.approx(np.mean((p > 0.5) == (y > 0.5)))
+
+
+def test_staged_fit_spends_the_svi_budget_in_gradient_steps():
+    from benchmarks.guides import GUIDES, register_guide
+    from benchmarks.harness import Budget
+
+    spec = GUIDES["pyro"]["AutoFlowMixture"]
+    assert spec.trainer == "fit"
+    # Two trained experts (RBIG is fit, not trained) share the 2000 steps of every SVI guide.
+    assert spec.fit_keywords(Budget(num_steps=2000))["num_steps"] == 1000
+    only_maf = spec._replace(options={"experts": ("maf", "rbig")})
+    assert only_maf.fit_keywords(Budget(num_steps=2000))["num_steps"] == 2000
+    with pytest.raises(ValueError, match="trainer"):
+        register_guide("X", "pyro", "x:X", trainer="svi")
