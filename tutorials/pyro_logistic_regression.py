@@ -32,18 +32,14 @@ import pandas as pd
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
-from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
 import mixvi
-from mixvi.arviz_bridge import from_draws
 from mixvi.psis import pareto_khat
-from pyro_mixvi import AutoCWM, RBMixture_ELBO
-from pyro_mixvi.elbos.sivi import SIVI_ELBO  # not yet exported at the top level
-from pyro_mixvi.guides.sivi import AutoSIVI
+from pyro_mixvi import SIVI_ELBO, AutoCWM, AutoFlowMixture, AutoSIVI, RBMixture_ELBO, to_arviz
 
 QUICK = os.environ.get("MIXVI_TUTORIAL_QUICK", "0") == "1"
 OUTPUT = os.environ.get("MIXVI_TUTORIAL_OUTPUT")
@@ -108,6 +104,9 @@ print(f"NUTS: {NUM_SAMPLES} draws in {nuts_seconds:.1f} s")
 # Each entry builds a guide and the ELBO it trains with; swapping a guide changes nothing else.
 # The mixvi guides need their own ELBO: `RBMixture_ELBO` for `AutoCWM` (the mixture's component
 # index is summed out, `K` model evaluations per particle) and `SIVI_ELBO` for `AutoSIVI`.
+# `AutoFlowMixture` has no ELBO entry (`None`): it trains by its own staged `fit` (each flow by
+# its own ELBO, RBIG on importance-resampled draws, then the mixture weights), here with the
+# same number of gradient steps as the SVI guides, split over its two trained flows.
 
 # %%
 GUIDES = {
@@ -124,29 +123,20 @@ GUIDES = {
         lambda: AutoSIVI(model, hidden_dims=(64, 64)),
         lambda: SIVI_ELBO(num_importance_samples=32),
     ),
+    # mixvi: MAF, RealNVP and RBIG experts with global weights (AMF-VI)
+    "AutoFlowMixture": (lambda: AutoFlowMixture(model), None),
 }
 
 
 # %% [markdown]
 # ## Fit and compare
 #
-# `log_p_and_log_q` draws from the fitted guide and scores each draw under the model (replayed on
-# the guide's values) and the guide: `log p − log q` are the importance log-weights of k̂.
+# `to_arviz` draws from the fitted guide and returns ArviZ data with the posterior draws, the
+# pointwise log-likelihood and, per draw, `log p(θ, y)` and `log q(θ)`: their difference is the
+# importance log-weight whose Pareto-k̂ says whether the guide can be trusted.
 
 
 # %%
-def log_p_and_log_q(guide, num_draws, x, y):
-    """Per-draw ``log p(θ, y)`` and ``log q(θ)`` for ``num_draws`` draws of a fitted guide."""
-    log_p, log_q = [], []
-    with torch.no_grad():
-        for _ in range(num_draws):
-            guide_trace = poutine.trace(guide).get_trace(x, y)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, y)
-            log_p.append(float(model_trace.log_prob_sum()))
-            log_q.append(float(guide_trace.log_prob_sum()))
-    return np.array(log_p), np.array(log_q)
-
-
 def pointwise_log_likelihood(draws, x, y):
     """``(S, N)`` log-likelihood of each observation under each draw."""
     logits = torch.as_tensor(draws["weights"]) @ x.T + torch.as_tensor(draws["bias"])[:, None]
@@ -160,35 +150,36 @@ def held_out_log_predictive(draws):
     return float(np.sum(lse - np.log(pointwise.shape[0])))
 
 
+def train(guide, make_elbo):
+    if make_elbo is None:  # AutoFlowMixture: its staged fit replaces the SVI loop
+        guide.fit(x_train, y_train, num_steps=NUM_STEPS // 2, lr=1e-2, progress_bar=False)
+        return
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), make_elbo())
+    for _ in range(NUM_STEPS):
+        svi.step(x_train, y_train)
+
+
 def fit(name, seed=1):
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     make_guide, make_elbo = GUIDES[name]
     guide = make_guide()
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), make_elbo())
     start = time.perf_counter()
-    for _ in range(NUM_STEPS):
-        svi.step(x_train, y_train)
+    train(guide, make_elbo)
     seconds = time.perf_counter() - start
-    predictive = Predictive(model, guide=guide, num_samples=NUM_DRAWS, return_sites=list(reference))
-    with torch.no_grad():
-        samples = predictive(x_train)
-    # Predictive adds a sample plate left of the model's plates; reshape to the sites' shapes.
-    draws = {
-        site: samples[site].reshape((NUM_DRAWS,) + value.shape[1:]).numpy()
-        for site, value in reference.items()
-    }
-    log_p, log_q = log_p_and_log_q(guide, NUM_DRAWS, x_train, y_train)
+    idata = to_arviz(model, guide, x_train, y_train, num_samples=NUM_DRAWS)
+    draws = {site: idata.posterior[site].values[0] for site in reference}
+    log_weights = (idata.sample_stats["log_p"] - idata.sample_stats["log_q"]).values[0]
     flat, _ = mixvi.flatten_draws(draws, names=sorted(reference))
     row = {
         "guide": name,
         "max |mean err|/sd": float(mixvi.standardized_mean_error(flat, reference_flat).max()),
         "median sd ratio": float(np.median(mixvi.sd_ratio(flat, reference_flat))),
         "held-out lpd": held_out_log_predictive(draws),
-        "k-hat": pareto_khat(log_p - log_q),
+        "k-hat": pareto_khat(log_weights),
         "seconds": seconds,
     }
-    return row, guide, draws, log_p, log_q
+    return row, idata, draws
 
 
 # %%
@@ -212,15 +203,9 @@ print(table.to_string())
 
 # %%
 best = max(GUIDES, key=lambda name: fits[name][0]["held-out lpd"])
-_, guide, draws, log_p, log_q = fits[best]
-pointwise = pointwise_log_likelihood(draws, x_train, y_train)
-idata = from_draws(
-    draws,
-    log_likelihood={"y": pointwise},
-    observed_data={"y": y_train.numpy()},
-    log_p=log_p,
-    log_q=log_q,
-)
+_, idata, draws = fits[best]
+log_p, log_q = (idata.sample_stats[name].values[0] for name in ("log_p", "log_q"))
+pointwise = idata.log_likelihood["y"].values[0]
 print(f"guide: {best}")
 print(az.summary(idata, var_names=["bias", "weights"], kind="stats").head(8))
 
