@@ -11,6 +11,7 @@ from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 from numpyro_mixvi.elbos.sivi import SIVI_ELBO
 from numpyro_mixvi.flows import MAF, RBIG, RealNVP
 from numpyro_mixvi.guides.cwm import AutoCWM
+from numpyro_mixvi.guides.flow_mixture import AutoFlowMixture
 from numpyro_mixvi.guides.sivi import AutoSIVI
 from numpyro_mixvi.multimodal import (
     JNF,
@@ -25,6 +26,7 @@ from numpyro_mixvi.targets import CONJUGATE_MODELS, TARGETS, GaussianMixture, ta
 
 __all__: list[str] = [
     "AutoCWM",
+    "AutoFlowMixture",
     "CONJUGATE_MODELS",
     "ClassifierWeightedMixture",
     "FlowMixture",

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from numpyro.distributions import Distribution, constraints
 
+from numpyro_mixvi.flows._flowjax import typed_key
+
 __all__ = [
     "SemiImplicitNormal",
     "StandardizedProposal",
@@ -114,13 +116,6 @@ def _log_weights_at(z, generator_params, eps, log_ratio):
     return log_cond + log_ratio, -diff / scale**2
 
 
-def _typed_key(rng_key: jax.Array) -> jax.Array:
-    """A typed PRNG key (flowjax rejects legacy ``uint32`` keys; NumPyro hands those out)."""
-    if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
-        return rng_key
-    return jax.random.wrap_key_data(rng_key)
-
-
 class StandardizedProposal(eqx.Module):
     r"""Proposal :math:`\tau(\epsilon \mid z) = \mathrm{flow}(\epsilon \mid (z - loc) / \sigma)`.
 
@@ -157,7 +152,7 @@ def _draw_chunk(rng_key, z, generator_params, proposal, mixing_dim, num_draws):
     if proposal is None:
         eps = jax.random.normal(rng_key, (num_draws, z.shape[0], mixing_dim), z.dtype)
         return _log_weights_at(z, generator_params, eps, 0.0)
-    eps, log_tau = proposal.sample_and_log_prob(_typed_key(rng_key), (num_draws,), condition=z)
+    eps, log_tau = proposal.sample_and_log_prob(typed_key(rng_key), (num_draws,), condition=z)
     return _log_weights_at(z, generator_params, eps, _log_prior(eps, mixing_dim) - log_tau)
 
 

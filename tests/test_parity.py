@@ -18,7 +18,6 @@ HOST_ONLY = {"create_plates", "prefix", "rng_key", "params", "generator", "self"
 # that both backends export, or a one-sided name not listed, fails the test: the list can only
 # shrink honestly, and it must be empty for a release.
 PENDING: dict[str, str] = {
-    "AutoFlowMixture": "Pyro guide landed first; the NumPyro twin (afm_numpyro) is in progress",
 }
 
 

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax import lax, random
 from numpyro.distributions import Distribution, constraints
 
+from numpyro_mixvi.distributions._refuse import refuse_gradient
+
 __all__ = ["ClassifierWeightedMixture", "classifier_logits", "init_classifier_params"]
 
 ClassifierParams = Sequence[tuple[jax.Array, jax.Array]]
@@ -32,22 +34,6 @@ _NOT_REPARAMETERIZABLE = (
     "TraceGraph_ELBO, ...) cannot differentiate through its samples without bias; use "
     "numpyro_mixvi.RBMixture_ELBO, which sums the index out"
 )
-
-
-@jax.custom_vjp
-def _refuse_gradient(x: jax.Array) -> jax.Array:
-    return x
-
-
-def _refuse_fwd(x: jax.Array) -> tuple[jax.Array, None]:
-    return x, None
-
-
-def _refuse_bwd(_: None, cotangent: jax.Array):  # noqa: ANN202
-    raise NotImplementedError(_NOT_REPARAMETERIZABLE)
-
-
-_refuse_gradient.defvjp(_refuse_fwd, _refuse_bwd)
 
 
 def classifier_logits(z: jax.Array, logits: jax.Array, classifier_params: ClassifierParams):  # noqa: ANN201
@@ -243,7 +229,7 @@ class ClassifierWeightedMixture(Distribution):
         x, log_weights = self.sample_components(key_z, sample_shape)
         index = random.categorical(key_r, log_weights)
         draw = jnp.take_along_axis(x, index[..., None, None], axis=-2)[..., 0, :]
-        return _refuse_gradient(draw)
+        return refuse_gradient(draw, _NOT_REPARAMETERIZABLE)
 
     @classmethod
     def from_samples(

@@ -26,9 +26,12 @@ import paramax
 from flowjax.train import step as flowjax_step
 from flowjax.train.losses import MaximumLikelihoodLoss
 from jax import Array
+from numpyro.distributions import Distribution, constraints
 from tqdm.auto import tqdm
 
+from numpyro_mixvi.distributions._refuse import refuse_gradient
 from numpyro_mixvi.flows import MAF, RBIG, RealNVP
+from numpyro_mixvi.flows._flowjax import typed_key
 
 EXPERTS = ("maf", "realnvp", "rbig")
 """Expert names :meth:`FlowMixture.fit` builds (``MAF``, ``RealNVP``, ``RBIG``)."""
@@ -98,25 +101,53 @@ def ema_weights_step(
     return EMAWeightsState(weights, state.num_steps + 1), info
 
 
-class FlowMixture(eqx.Module):
+_NOT_REPARAMETERIZABLE = (
+    "FlowMixture draws a discrete expert index, so stock ELBOs (Trace_ELBO, TraceGraph_ELBO, "
+    "...) cannot differentiate through its samples without bias; use "
+    "numpyro_mixvi.RBMixture_ELBO, which sums the index out (or AutoFlowMixture.fit)"
+)
+
+
+class FlowMixture(Distribution):
     r"""Mixture of flow experts with global weights: ``q(x) = sum_k pi_k q_k(x)``.
+
+    A NumPyro distribution over ``R^D`` and a finite mixture in the sense of
+    :mod:`numpyro_mixvi.guides.base`: :meth:`sample_components` draws every expert once
+    (reparameterized) and returns ``log pi``, so ``RBMixture_ELBO`` trains experts and weights.
+    Ancestral :meth:`sample` draws are not differentiable: differentiating through them raises
+    ``NotImplementedError`` (pointing to ``RBMixture_ELBO``) instead of silently dropping the
+    expert index's contribution.
 
     Shapes:
         ``log_prob`` maps ``(..., D)`` to ``(...)``; ``component_log_probs`` to ``(..., K)``;
-        ``sample(key, sample_shape)`` returns ``sample_shape + (D,)``.
+        ``sample(key, sample_shape)`` returns ``sample_shape + (D,)``;
+        ``sample_components(key, sample_shape)`` returns ``sample_shape + (K, D)`` and
+        ``sample_shape + (K,)``. ``batch_shape`` is ``()``, ``event_shape`` is ``(D,)``.
 
     Args:
         experts: ``K`` flowjax distributions over ``R^D`` (e.g. ``MAF``, ``RealNVP``, ``RBIG``).
         weights: Mixture weights ``(K,)``, non-negative, summing to one.
 
+    Example:
+        >>> mixture = FlowMixture.fit(jax.random.key(0), samples, progress_bar=False)
+        >>> mixture.weights, mixture.n_eff
+        >>> mixture.log_prob(samples[:10]).shape
+        (10,)
+
     Cost:
         ``log_prob`` evaluates every expert. Exact sampling draws every expert ``n`` times and
         keeps the one picked by ``Categorical(pi)`` (``K`` times the cost of one expert; static
         shapes under ``jit``).
+
+    References:
+        AMF-VI: adaptive heterogeneous mixtures of normalizing flows (2025),
+        https://github.com/benjaminsw/AMF-VIJ
     """
 
-    experts: tuple
-    weights: Array
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+    reparametrized_params: list = []
+    pytree_data_fields = ("experts", "weights")
 
     def __init__(self, experts: Sequence, weights: Array) -> None:
         if len(experts) < 1:
@@ -126,6 +157,7 @@ class FlowMixture(eqx.Module):
             raise ValueError(f"weights must have shape ({len(experts)},); got {weights.shape}")
         self.experts = tuple(experts)
         self.weights = weights / weights.sum()
+        super().__init__(batch_shape=(), event_shape=tuple(self.experts[0].shape))
 
     @property
     def n_eff(self) -> Array:
@@ -142,14 +174,33 @@ class FlowMixture(eqx.Module):
         terms = jnp.log(self.weights) + self.component_log_probs(x)
         return jax.nn.logsumexp(jnp.where(self.weights > 0, terms, -jnp.inf), -1)
 
-    def sample(self, rng_key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
-        keys = jax.random.split(rng_key, len(self.experts) + 1)
-        draws = jnp.stack([e.sample(k, sample_shape) for e, k in zip(self.experts, keys[1:],
-                                                                      strict=True)], -2)
-        index = jax.random.categorical(keys[0], jnp.log(self.weights), shape=sample_shape)
-        return jnp.take_along_axis(draws, index[..., None, None], -2)[..., 0, :]
+    def sample_components(
+        self, rng_key: Array, sample_shape: tuple[int, ...] = ()
+    ) -> tuple[Array, Array]:
+        """One independent reparameterized draw per expert and ``log pi``.
+
+        ``E_q[h(x)] = E[sum_k pi_k h(x_k)]`` with ``x_k ~ q_k``; ``x`` is differentiable in
+        the experts' parameters and ``log_weights`` in ``pi`` (the finite-mixture protocol).
+
+        Shapes:
+            Returns ``x``: ``sample_shape + (K, D)`` and ``log_weights``: ``sample_shape + (K,)``.
+        """
+        keys = jax.random.split(typed_key(rng_key), len(self.experts))
+        x = jnp.stack([e.sample(k, tuple(sample_shape))
+                       for e, k in zip(self.experts, keys, strict=True)], -2)
+        log_weights = jnp.broadcast_to(jnp.log(self.weights), x.shape[:-1])
+        return x, log_weights
+
+    def sample(self, key: Array, sample_shape: tuple[int, ...] = ()) -> Array:
+        """Exact ancestral draws ``sample_shape + (D,)`` (not differentiable; see the class doc)."""
+        key_x, key_index = jax.random.split(key)
+        draws, log_weights = self.sample_components(key_x, sample_shape)
+        index = jax.random.categorical(key_index, log_weights)
+        draw = jnp.take_along_axis(draws, index[..., None, None], -2)[..., 0, :]
+        return refuse_gradient(draw, _NOT_REPARAMETERIZABLE)
 
     def sample_and_log_prob(self, rng_key: Array, sample_shape: tuple[int, ...] = ()):
+        """``(x, log q(x))`` from one call, for parity with flowjax and the torch twin."""
         x = self.sample(rng_key, sample_shape)
         return x, self.log_prob(x)
 
@@ -223,7 +274,7 @@ class FlowMixture(eqx.Module):
         """
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-        key_train, key_build, key_weights = jax.random.split(rng_key, 3)
+        key_train, key_build, key_weights = jax.random.split(typed_key(rng_key), 3)
         draw = _batch_source(samples)
         samples = samples if callable(samples) else jnp.asarray(samples)
         train = draw(key_train, None)
@@ -301,9 +352,7 @@ def train_expert(
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
-    params, static = eqx.partition(
-        expert, eqx.is_inexact_array, is_leaf=lambda leaf: isinstance(leaf, paramax.NonTrainable)
-    )
+    params, static = partition_trainable(expert)
     optimizer = _adam(lr)
     opt_state = optimizer.init(params)
     chunk = min(num_steps, 100)
@@ -331,6 +380,16 @@ def train_expert(
         bar.set_postfix(loss=f"{float(chunk_losses[-1]):.3f}")
     bar.close()
     return eqx.combine(params, static), jnp.concatenate(losses)
+
+
+def partition_trainable(expert) -> tuple[object, object]:  # noqa: ANN001
+    """``(params, static)``: inexact arrays outside ``paramax.NonTrainable`` wrappers, and the rest.
+
+    The split flowjax's own training loops use; ``eqx.combine(params, static)`` undoes it.
+    """
+    return eqx.partition(
+        expert, eqx.is_inexact_array, is_leaf=lambda leaf: isinstance(leaf, paramax.NonTrainable)
+    )
 
 
 @eqx.filter_jit

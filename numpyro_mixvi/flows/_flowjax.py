@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 from flowjax.distributions import Normal
 
@@ -22,3 +23,10 @@ def mlp_shape(hidden_dims: Sequence[int]) -> dict[str, int]:
 def standard_normal(input_dim: int) -> Normal:
     """The flows' base ``N(0, I_D)`` in the default float dtype (follows ``jax_enable_x64``)."""
     return Normal(jnp.zeros(input_dim, dtype=jnp.result_type(float)))
+
+
+def typed_key(rng_key: jax.Array) -> jax.Array:
+    """A typed PRNG key (flowjax rejects legacy ``uint32`` keys; NumPyro hands those out)."""
+    if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
+        return rng_key
+    return jax.random.wrap_key_data(rng_key)

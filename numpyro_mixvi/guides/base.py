@@ -34,7 +34,13 @@ import jax.numpy as jnp
 from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer.autoguide import AutoContinuous
 
-__all__ = ["FiniteMixture", "latent_site_name", "posterior_of", "unconstrained_log_joint"]
+__all__ = [
+    "FiniteMixture",
+    "SampleSummariesOnly",
+    "latent_site_name",
+    "posterior_of",
+    "unconstrained_log_joint",
+]
 
 
 @runtime_checkable
@@ -52,6 +58,32 @@ class FiniteMixture(Protocol):
     def sample_components(
         self, rng_key: jax.Array, sample_shape: tuple[int, ...] = ...
     ) -> tuple[jax.Array, jax.Array]: ...
+
+
+class SampleSummariesOnly:
+    """Mixin for mixture guides: ``median``/``quantiles`` are refused (no closed form).
+
+    A mixture's median is not a component location and its quantiles have no closed form;
+    the message points to sample quantiles (``sample_posterior`` or ``Predictive``). Put it
+    before ``AutoContinuous`` in the bases (the Pyro twin has the same mixin).
+    """
+
+    def median(self, *args, **kwargs) -> dict:  # noqa: ANN002, ANN003
+        """Not available: a mixture's median is not a component location and has no closed form.
+
+        Use ``sample_posterior`` (or ``Predictive``) and take sample quantiles.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form median; use sample_posterior and "
+            "sample quantiles"
+        )
+
+    def quantiles(self, *args, **kwargs) -> dict:  # noqa: ANN002, ANN003
+        """Not available (see :meth:`median`)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no closed-form quantiles; use sample_posterior and "
+            "sample quantiles"
+        )
 
 
 def latent_site_name(guide: AutoContinuous) -> str:

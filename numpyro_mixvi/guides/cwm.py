@@ -13,11 +13,12 @@ from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
 from numpyro_mixvi.distributions.cwm import ClassifierWeightedMixture, init_classifier_params
+from numpyro_mixvi.guides.base import SampleSummariesOnly
 
 __all__ = ["AutoCWM"]
 
 
-class AutoCWM(AutoContinuous):
+class AutoCWM(SampleSummariesOnly, AutoContinuous):
     r"""Classifier-weighted mixture guide over the model's flat unconstrained latent ``x``.
 
     .. math:: q(x) = \sum_k w_k(T_k(x))\, \mathcal{N}(T_k(x); 0, I)\, |\det \partial_x T_k(x)|
@@ -132,18 +133,3 @@ class AutoCWM(AutoContinuous):
     def get_posterior(self, params: dict) -> ClassifierWeightedMixture:
         """The classifier-weighted mixture over the packed unconstrained latent at ``params``."""
         return substitute(self._get_posterior, data=params)()
-
-    def median(self, params: dict) -> dict:
-        """Not available: a mixture's median is not a component location and has no closed form.
-
-        Use ``sample_posterior`` and take sample quantiles.
-        """
-        raise NotImplementedError(
-            "AutoCWM has no closed-form median; use sample_posterior and sample quantiles"
-        )
-
-    def quantiles(self, params: dict, quantiles) -> dict:  # noqa: ANN001
-        """Not available (see :meth:`median`)."""
-        raise NotImplementedError(
-            "AutoCWM has no closed-form quantiles; use sample_posterior and sample quantiles"
-        )

@@ -44,6 +44,7 @@ from numpyro.optim import Adam  # noqa: E402
 from numpyro_mixvi import (  # noqa: E402
     SIVI_ELBO,
     AutoCWM,
+    AutoFlowMixture,
     AutoSIVI,
     RBMixture_ELBO,
     to_arviz,
@@ -96,6 +97,16 @@ CASES = [
         RBMixture_ELBO,
         has_median=False,
         has_quantiles=False,
+    ),
+    GuideCase(
+        "AutoFlowMixture",
+        partial(AutoFlowMixture, experts=("maf", "realnvp"),
+                expert_kwargs={"maf": {"num_transforms": 2, "hidden_dims": (8,)},
+                               "realnvp": {"num_transforms": 2, "hidden_dims": (8,)}}),
+        RBMixture_ELBO,
+        has_median=False,
+        has_quantiles=False,
+        lr=0.01,
     ),
     GuideCase(
         "AutoSIVI",
