@@ -288,16 +288,18 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
            ``pi_k ∝ exp(-CE(p, q_k))`` (cross-entropy of the posterior under expert ``k``), not
            to the ELBO-optimal weights; stage 3 moves them to the latter. An expert whose
            log-density is NaN on a batch gets weight exactly 0 and leaves the mixture.
-        4. If ``num_joint_steps > 0``: Adam(``lr / 10``) on every parameter (experts and
-           ``pi``) by the Rao-Blackwellized mixture ELBO (what ``RBMixture_ELBO`` computes,
-           ``num_particles`` draws per expert). The step is a tenth of stage 1's because it
-           fine-tunes trained experts: a full step undoes part of stage 1 before the weights
-           settle.
+        4. If ``num_joint_steps > 0``: Adam on every parameter by the Rao-Blackwellized
+           mixture ELBO (what ``RBMixture_ELBO`` computes, ``num_particles`` draws per expert),
+           with step ``lr / 10`` for the experts and ``lr`` for ``log pi``. The experts only
+           fine-tune (a full step undoes part of stage 1), while the weights must move by O(1)
+           in log space: stage 2 aims them at ``exp(-CE(p, q_k))``, which favours
+           mass-covering experts, and the ELBO-optimal weights can be far from that.
 
         Args:
             *args: The model's positional arguments.
             num_steps: Stage-1 Adam steps per parametric expert; at least 1.
-            lr: Stage-1 Adam learning rate (stage 3 uses ``lr / 10``); positive.
+            lr: Stage-1 Adam learning rate (stage 3: ``lr / 10`` for the experts, ``lr``
+                for the weights); positive.
             num_particles: Draws per ELBO estimate (stages 1 and 3); at least 1.
             num_rbig_draws: Importance-resampled draws RBIG is fit to.
             num_weight_steps: Stage-2 EMA steps; at least 1.
@@ -343,7 +345,7 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
         self._fit_rbig(log_p, healthy, num_rbig_draws, progress_bar)
         weights = self._fit_weights(log_p, healthy, num_weight_steps, weight_batch_size, beta,
                                     weight_update, progress_bar)
-        joint = self._fit_joint(model, args, kwargs, nesting, num_joint_steps, lr / 10,
+        joint = self._fit_joint(model, args, kwargs, nesting, num_joint_steps, lr,
                                 num_particles, progress_bar)
         final = weights.new_zeros(len(self.experts))
         final[self.expert_mask] = self.weights.detach()
@@ -463,8 +465,10 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
         if num_steps == 0:
             return self.weights.new_zeros(0).detach()
         self(*args, **kwargs)  # register the current parameters with the param store
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=lr)
+        named = dict(self.named_parameters())
+        weights = named.pop("weights_unconstrained")
+        optimizer = torch.optim.Adam([{"params": list(named.values()), "lr": lr / 10},
+                                      {"params": [weights], "lr": lr}])
         bar = tqdm(range(num_steps), desc="stage 3 (joint)", disable=not progress_bar)
         for step in bar:
             loss = -rb_mixture_particle_elbos(
@@ -472,8 +476,8 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
             ).mean()
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"stage 3: non-finite mixture ELBO at step {step}; lower lr (stage 3 uses "
-                    "lr / 10) or skip it (num_joint_steps=0)"
+                    f"stage 3: non-finite mixture ELBO at step {step}; lower lr or skip it "
+                    "(num_joint_steps=0)"
                 )
             optimizer.zero_grad()
             loss.backward()

@@ -8,6 +8,7 @@ at full budget by ``benchmarks/amf_model.py``.
 from __future__ import annotations
 
 import io
+import json
 import math
 import warnings
 
@@ -20,11 +21,14 @@ import pyro.distributions as dist  # noqa: E402
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceGraph_ELBO  # noqa: E402
 from pyro.optim import Adam  # noqa: E402
 
+from mixvi.metrics import sliced_wasserstein  # noqa: E402
 from pyro_mixvi import (  # noqa: E402
     RBIG,
+    TARGETS,
     AutoFlowMixture,
     FlowMixture,
     RBMixture_ELBO,
+    target_model,
 )
 from tests.properties import assert_normalized_2d  # noqa: E402
 
@@ -304,3 +308,86 @@ def test_discrete_latent_and_no_latent_errors():
         AutoFlowMixture(discrete)()
     with pytest.raises(RuntimeError, match="no latent"):
         AutoFlowMixture(observed_only)()
+
+
+def _elbo_and_sw2(dist_, target, exact, n):
+    """ELBO estimate ``E_q[log p - log q]`` (log Z = 0), its standard error, sliced W2."""
+    with torch.no_grad():
+        x = dist_.sample((n,))
+        terms = (target.log_prob(x) - dist_.log_prob(x)).double()
+    sw2 = sliced_wasserstein(x.double().numpy(), exact)
+    return float(terms.mean()), float(terms.std()) / math.sqrt(n), sw2
+
+
+def _fit_and_score(name, seed, *, steps, layers, n=2000, **fit_kwargs):
+    pyro.set_rng_seed(seed)
+    target = TARGETS[name]()
+    flows = {"num_transforms": layers, "hidden_dims": (32, 32)} if layers < 5 else {}
+    guide = AutoFlowMixture(target_model(target),
+                            expert_kwargs={"maf": flows, "realnvp": flows} if flows else None)
+    guide.fit(num_steps=steps, progress_bar=False, **fit_kwargs)
+    exact = target.sample((n,)).double().numpy()
+    experts = {name: module() for name, module in zip(guide.experts, guide.expert_modules,
+                                                      strict=True)}
+    scores = {label: _elbo_and_sw2(d, target, exact, n) for label, d in experts.items()}
+    return _elbo_and_sw2(guide.get_posterior(), target, exact, n), scores
+
+
+def test_small_fit_beats_each_parametric_expert_alone(dtype):
+    """At a small budget (150 steps, 2-layer flows) the mixture beats MAF and RealNVP alone.
+
+    Each expert is the mixture's own, trained alone in stage 1 (the same budget each). ELBOs are
+    means over 2000 draws; the margin is 4 standard errors of the difference. Sliced W2 (2000
+    draws each side) has a Monte Carlo spread ~0.03 here; the gaps measured are > 0.05.
+    At this budget RBIG alone (fit to the importance-resampled union) is as good as the mixture;
+    the full claim is the slow test below and ``benchmarks/amf_model.py``.
+    """
+    (mix, mix_se, mix_sw2), scores = _fit_and_score(
+        "multimodal_5", 0, steps=150, layers=2, num_rbig_draws=2048, num_weight_steps=30,
+        weight_batch_size=512)
+    for label in ("maf", "realnvp"):
+        elbo, se, sw2 = scores[label]
+        assert mix - elbo > 4 * math.hypot(mix_se, se), (label, mix, elbo)
+        assert mix_sw2 < sw2, (label, mix_sw2, sw2)
+
+
+def test_amf_model_benchmark_quick_run_writes_results(tmp_path):
+    from benchmarks import amf_model
+
+    summary = amf_model.run(quick=True, seeds=(0,), targets=("amf_x_shape",),
+                            output_dir=tmp_path, steps=20, joint_steps=3)
+    saved = json.loads((tmp_path / "amf_model.json").read_text())
+    assert saved["targets"].keys() == summary.keys() == {"amf_x_shape"}
+    row = summary["amf_x_shape"]
+    for model in amf_model.MODELS:
+        assert math.isfinite(row[model]["elbo"][0]) and row[model]["sw2"][0] > 0
+    assert math.isclose(sum(row["weights"]), 1.0, rel_tol=1e-5)
+    assert "| amf_x_shape |" in (tmp_path / "amf_model.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["multimodal_5", "two_moons"])
+def test_fit_beats_each_expert_alone(name):
+    """The issue's claim on two AMF targets, at the benchmark's budget (800 steps, 5 layers).
+
+    Stages 1-2, then each expert is scored as trained alone; then stage 3 (Adam on the
+    RB mixture ELBO: ``lr`` for the weights, ``lr / 10`` for the experts, 200 steps, as in
+    ``fit``) and the mixture is scored. Its ELBO must exceed every expert's by 2 standard errors
+    of the difference (2000 draws each). ``benchmarks/amf_model.py`` has all six targets and the
+    sliced W2, where the mixture does not win everywhere.
+    """
+    pyro.set_rng_seed(0)
+    target = TARGETS[name]()
+    model = target_model(target)
+    guide = AutoFlowMixture(model)
+    guide.fit(num_steps=800, num_weight_steps=100, progress_bar=False)
+    exact = target.sample((2000,)).double().numpy()
+    scores = {label: _elbo_and_sw2(module(), target, exact, 2000)
+              for label, module in zip(guide.experts, guide.expert_modules, strict=True)}
+    svi = SVI(model, guide, Adam(lambda param: {"lr": 1e-2 if param.endswith(".weights")
+                                                else 1e-3}), RBMixture_ELBO(num_particles=8))
+    for _ in range(200):
+        svi.step()
+    mix, mix_se, _ = _elbo_and_sw2(guide.get_posterior(), target, exact, 2000)
+    for label, (elbo, se, _) in scores.items():
+        assert mix - elbo > 2 * math.hypot(mix_se, se), (label, mix, elbo)
