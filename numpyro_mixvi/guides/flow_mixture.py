@@ -266,9 +266,11 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
            ``-inf`` log-density on the batch decays geometrically (``ema_weights_step``).
            Experts with weight exactly 0 then leave the mixture (``RuntimeWarning``).
         4. If ``num_joint_steps > 0``: ``RBMixture_ELBO(num_particles)`` on every expert
-           parameter and ``pi`` with Adam(``lr / 10``) through ``SVI`` (jitted). The smaller
-           step keeps the experts near their stage-1 optima and ``pi`` near stage 2 while the
-           mixture ELBO re-balances them; at ``lr`` the first steps undo stage 1.
+           parameter and ``pi`` through ``SVI`` (jitted), Adam(``lr / 10``) for the experts and
+           Adam(``lr``) for ``pi``. The small expert step keeps them near their stage-1 optima
+           (at ``lr`` the first steps undo stage 1); ``pi`` gets the full step because stage 2
+           aims it at ``exp(-CE(p, q_k))``, not at the mixture ELBO's optimum, and stage 3 is
+           where it moves there (same choice as the Pyro twin).
 
         Shapes:
             ``params``: the guide's parameters (constrained, as ``SVI.get_params`` returns),
@@ -279,7 +281,7 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
             rng_key: PRNG key for every stage.
             *args: The model's positional arguments.
             num_steps: Stage-1 Adam steps per parametric expert; at least 1.
-            lr: Stage-1 Adam step size (stage 3 uses ``lr / 10``).
+            lr: Stage-1 Adam step size (stage 3: ``lr / 10`` for the experts, ``lr`` for ``pi``).
             num_particles: Draws per ELBO estimate (stages 1 and 3); at least 1.
             num_rbig_draws: Proposal draws importance-resampled for RBIG; at least 2.
             num_weight_steps: Stage-2 EMA steps; at least 1.
@@ -312,7 +314,7 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
         self._keep_members(params, weights)
         joint_losses = jnp.zeros((0,), weights.dtype)
         if num_joint_steps > 0:
-            params, joint_losses = self._fit_joint(key_joint, params, args, kwargs, lr / 10,
+            params, joint_losses = self._fit_joint(key_joint, params, args, kwargs, lr,
                                                    num_particles, num_joint_steps, progress_bar)
         members = jnp.asarray(self._active())
         weights = jnp.zeros_like(weights).at[members].set(params[f"{self.prefix}_weights"])
@@ -427,12 +429,18 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
 
     def _fit_joint(self, rng_key: Array, params: dict, args: tuple, kwargs: dict, lr: float,
                    num_particles: int, num_steps: int, progress_bar: bool) -> tuple[dict, Array]:
-        """Stage 3: ``RBMixture_ELBO`` on every parameter through ``SVI``."""
+        """Stage 3: ``RBMixture_ELBO`` on every parameter through ``SVI``: Adam(``lr / 10``)
+        for the experts, Adam(``lr``) for the weights (their unconstrained coordinates)."""
         # Stage 3 is the floor-4 ELBO by design (AFM_API.md); imported here to keep floor 3
         # free of module-level imports from above.
         from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 
-        svi = SVI(self.model, self, optax.adam(lr), RBMixture_ELBO(num_particles=num_particles))
+        weights_name = f"{self.prefix}_weights"
+        optimizer = optax.multi_transform(
+            {"weights": optax.adam(lr), "experts": optax.adam(lr / 10)},
+            lambda tree: {name: "weights" if name == weights_name else "experts" for name in tree},
+        )
+        svi = SVI(self.model, self, optimizer, RBMixture_ELBO(num_particles=num_particles))
         result = svi.run(rng_key, num_steps, *args, progress_bar=progress_bar,
                          init_params=params, **kwargs)
         bad = ~jnp.isfinite(result.losses)
