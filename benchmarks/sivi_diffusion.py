@@ -117,7 +117,10 @@ def run(*, quick: bool = False, seeds: Sequence[int] = (0,),
     rows = [one_run(p, num_steps=num_steps, k=k, seed=s) for p in ("flow", "prior") for s in seeds]
     out = Path(output_dir) if output_dir else RESULTS / ("quick" if quick else "")
     out.mkdir(parents=True, exist_ok=True)
-    meta = report.metadata(f"python -m benchmarks.sivi_diffusion{' --quick' if quick else ''}")
+    meta = report.metadata(
+        f"python -m benchmarks.sivi_diffusion{' --quick' if quick else ''} --steps {num_steps}"
+        f" --k {k} --seeds {' '.join(map(str, seeds))}"
+    )  # the arguments that produced the numbers, not just the module
     result = {"meta": meta, "rows": rows}
     (out / f"{NAME}.json").write_text(json.dumps(result, indent=2))
     lines = [report.metadata_markdown(meta), "",

@@ -134,7 +134,11 @@ def run(*, quick: bool = False, seeds: Sequence[int] = (0,), output_dir: str | o
             for t in targets for g in guides for s in seeds]
     out = Path(output_dir) if output_dir else RESULTS / ("quick" if quick else "")
     out.mkdir(parents=True, exist_ok=True)
-    meta = report.metadata(f"python -m benchmarks.sivi_toys{' --quick' if quick else ''}")
+    meta = report.metadata(
+        f"python -m benchmarks.sivi_toys{' --quick' if quick else ''} --targets {' '.join(targets)}"
+        f" --guides {' '.join(guides)} --steps {num_steps} --k {k} --particles {num_particles}"
+        f" --seeds {' '.join(map(str, seeds))}"
+    )  # the arguments that produced the numbers, not just the module
     result = {"meta": meta, "rows": rows}
     (out / f"{NAME}.json").write_text(json.dumps(result, indent=2))
     lines = [report.metadata_markdown(meta), "",
