@@ -112,6 +112,7 @@ CASES = [
         has_median=False,
         has_quantiles=False,
         param_store=False,
+        lr=0.01,
     ),
     GuideCase(
         "AutoSIVI",
