@@ -9,7 +9,7 @@ from numpyro.infer.elbo import ELBO
 
 from numpyro_mixvi.guides.base import posterior_of, unconstrained_log_joint
 
-__all__ = ["RBMixture_ELBO", "rb_mixture_elbo"]
+__all__ = ["RBMixture_ELBO", "path_log_prob", "rb_mixture_elbo"]
 
 
 def rb_mixture_elbo(log_p: jax.Array, log_q: jax.Array, log_weights: jax.Array) -> jax.Array:
@@ -21,6 +21,27 @@ def rb_mixture_elbo(log_p: jax.Array, log_q: jax.Array, log_weights: jax.Array) 
         come from a finite mixture's ``sample_components``.
     """
     return (jnp.exp(log_weights) * (log_p - log_q)).sum(-1)
+
+
+def path_log_prob(posterior, x: jax.Array) -> jax.Array:  # noqa: ANN001
+    r"""``log q(x)`` whose gradient flows through ``x`` only (the "sticking the landing" term).
+
+    The value is ``posterior.log_prob(x)``; the gradient drops the direct parameter term
+    ``grad_theta log q_theta(x)`` at fixed ``x``. Its expectation under the Rao-Blackwellized
+    draws is ``E_q[grad_theta log q_theta] = grad_theta int q = 0``, so the ELBO gradient stays
+    unbiased, and its variance vanishes as ``q`` approaches the posterior. Works for any
+    finite mixture (no access to the posterior's parameters is needed): the surrogate is
+    ``log q(x) - log q(stop(x)) + stop(log q(stop(x)))``.
+
+    Shapes:
+        ``x``: ``(..., D)``; returns ``(...)``.
+
+    References:
+        Sticking the Landing (Roeder, Wu, Duvenaud, 2017). https://arxiv.org/abs/1703.09194
+    """
+    log_q = posterior.log_prob(x)
+    at_fixed_x = posterior.log_prob(jax.lax.stop_gradient(x))
+    return log_q - at_fixed_x + jax.lax.stop_gradient(at_fixed_x)
 
 
 class RBMixture_ELBO(ELBO):  # noqa: N801 (Pyro's ELBO spelling)
@@ -37,12 +58,19 @@ class RBMixture_ELBO(ELBO):  # noqa: N801 (Pyro's ELBO spelling)
     score-function gradient its variance does not grow with ``log Z``. ``loss`` is pure JAX:
     ``SVI.update`` and ``SVI.run`` (with or without a progress bar) jit the whole step.
 
+    By default ``log q`` enters through its path derivative only (:func:`path_log_prob`,
+    "sticking the landing"): still unbiased, and its variance goes to zero as the guide
+    approaches the posterior. Measured on the 2-D targets of ``tests/numpyro/test_cwm_fits.py``
+    it raises the final ELBO of both AutoCWM and the constant-weight mixture;
+    ``sticking_the_landing=False`` gives the plain reparameterization gradient.
+
     Shapes:
         ``N = num_particles`` base draws cost ``N * K`` model evaluations.
 
     Args:
         num_particles: Number of base draws ``N`` per step.
         max_plate_nesting: Accepted for parity with Pyro; ``vmap`` needs no plate bound.
+        sticking_the_landing: Differentiate ``log q`` through the draws only (default).
 
     Example:
         >>> guide = AutoCWM(model, num_components=4)
@@ -60,10 +88,17 @@ class RBMixture_ELBO(ELBO):  # noqa: N801 (Pyro's ELBO spelling)
 
     can_infer_discrete = False
 
-    def __init__(self, num_particles: int = 1, max_plate_nesting: float = float("inf")) -> None:
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        *,
+        sticking_the_landing: bool = True,
+    ) -> None:
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be an int >= 1; got {num_particles}")
         super().__init__(num_particles=num_particles)
+        self.sticking_the_landing = bool(sticking_the_landing)
 
     def particle_elbos(self, rng_key, param_map, model, guide, *args, **kwargs) -> jax.Array:  # noqa: ANN001
         """The ``num_particles`` per-particle RB ELBO terms, ``(N,)``."""
@@ -72,7 +107,8 @@ class RBMixture_ELBO(ELBO):  # noqa: N801 (Pyro's ELBO spelling)
             substitute(seed(guide, key_setup), data=param_map)(*args, **kwargs)
         posterior = posterior_of(guide, param_map)
         x, log_weights = posterior.sample_components(key_sample, (self.num_particles,))
-        log_q = posterior.log_prob(x)
+        log_q = (path_log_prob(posterior, x) if self.sticking_the_landing
+                 else posterior.log_prob(x))
         log_p = unconstrained_log_joint(
             model, guide, x.reshape(-1, x.shape[-1]), param_map, args, kwargs, rng_key=key_model
         ).reshape(log_q.shape)

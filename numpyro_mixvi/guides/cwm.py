@@ -17,6 +17,13 @@ from numpyro_mixvi.guides.base import SampleSummariesOnly
 
 __all__ = ["AutoCWM"]
 
+#: The weights' parameters (``logits`` and the classifier's output layer) are stored multiplied
+#: by ``1 / WEIGHT_STEP_SCALE``, so an optimizer such as Adam, whose steps have a fixed size in
+#: the stored parameter, moves the weights this much slower than the components. Without it the
+#: weights decide before the components have moved: components that start in a poor place are
+#: switched off (weight ~1e-5) and never recover (measured in ``tests/numpyro/test_cwm_fits.py``).
+WEIGHT_STEP_SCALE = 0.1
+
 
 class AutoCWM(SampleSummariesOnly, AutoContinuous):
     r"""Classifier-weighted mixture guide over the model's flat unconstrained latent ``x``.
@@ -35,6 +42,8 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
     At initialization the component locations are ``init_loc + init_scale * (e_k - mean(e))``
     with ``e_k ~ N(0, I)`` (so they do not coincide and average to the init location), every
     scale is ``init_scale`` and the classifier's last layer is zero (constant, uniform weights).
+    The weights learn :data:`WEIGHT_STEP_SCALE` times slower than the components (a fixed
+    reparameterization: stored ``logits`` and output layer are the weights' divided by it).
 
     Shapes:
         ``D`` is the unconstrained latent size, fixed at the first call.
@@ -124,7 +133,11 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
                            lambda key, i=i: self._init_layers(key)[i][1]))
             for i in range(num_layers)
         ]
-        return ClassifierWeightedMixture(locs, logits=logits, classifier_params=layers, **scales)
+        if layers:
+            weight, bias = layers[-1]
+            layers[-1] = (WEIGHT_STEP_SCALE * weight, WEIGHT_STEP_SCALE * bias)
+        return ClassifierWeightedMixture(locs, logits=WEIGHT_STEP_SCALE * logits,
+                                         classifier_params=layers, **scales)
 
     def _init_layers(self, rng_key):  # noqa: ANN001, ANN202
         return init_classifier_params(rng_key, self.latent_dim, self.num_components,

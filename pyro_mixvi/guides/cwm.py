@@ -16,6 +16,13 @@ from pyro_mixvi.guides.base import SampleSummariesOnly
 
 __all__ = ["AutoCWM"]
 
+#: The weights' parameters (``logits`` and the classifier's output layer) are stored multiplied
+#: by ``1 / WEIGHT_STEP_SCALE``, so an optimizer such as Adam, whose steps have a fixed size in
+#: the stored parameter, moves the weights this much slower than the components. Without it the
+#: weights decide before the components have moved: components that start in a poor place are
+#: switched off (weight ~1e-5) and never recover (measured in ``tests/pyro/test_cwm_fits.py``).
+WEIGHT_STEP_SCALE = 0.1
+
 
 class AutoCWM(SampleSummariesOnly, AutoContinuous):
     r"""Classifier-weighted mixture guide over the model's flat unconstrained latent ``x``.
@@ -35,6 +42,8 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
     At initialization the component locations are ``init_loc + init_scale * (e_k - mean(e))``
     with ``e_k ~ N(0, I)`` (so they do not coincide and average to the init location), every
     scale is ``init_scale`` and the classifier's last layer is zero (constant, uniform weights).
+    The weights learn :data:`WEIGHT_STEP_SCALE` times slower than the components (a fixed
+    reparameterization: stored ``logits`` and output layer are the weights' divided by it).
 
     Shapes:
         ``D`` is the unconstrained latent size, fixed at the first call.
@@ -122,9 +131,12 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
             (getattr(self, f"classifier_weight_{i}"), getattr(self, f"classifier_bias_{i}"))
             for i in range(self._num_layers)
         ]
+        if layers:
+            weight, bias = layers[-1]
+            layers[-1] = (WEIGHT_STEP_SCALE * weight, WEIGHT_STEP_SCALE * bias)
         scales = (
             {"scale": self.scales} if self.covariance == "diag" else {"scale_tril": self.scale_tril}
         )
         return ClassifierWeightedMixture(
-            self.locs, logits=self.logits, classifier_params=layers, **scales
+            self.locs, logits=WEIGHT_STEP_SCALE * self.logits, classifier_params=layers, **scales
         )

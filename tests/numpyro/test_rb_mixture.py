@@ -17,7 +17,7 @@ from numpyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from numpyro_mixvi.distributions.cwm import ClassifierWeightedMixture, init_classifier_params
 from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO, rb_mixture_elbo
 from numpyro_mixvi.guides.base import FiniteMixture, unconstrained_log_joint
-from numpyro_mixvi.guides.cwm import AutoCWM
+from numpyro_mixvi.guides.cwm import WEIGHT_STEP_SCALE, AutoCWM
 from tests.properties import assert_close_in_mc_error
 
 LOG_Z = -5.0  # an unnormalized target, as in VI (log evidence is never 0 in practice)
@@ -149,7 +149,8 @@ def test_exact_guide_gives_log_evidence_with_zero_variance(x64):
     params["auto_locs"] = jnp.stack([jnp.append(loc_x[i], loc_s[j]) for i, j in pairs])
     params["auto_scale"] = jnp.stack([jnp.append(scale_x[i], scale_s[j]) for i, j in pairs])
     params["auto_logits"] = jnp.stack([jax.nn.log_softmax(logits_x)[i]
-                                       + jax.nn.log_softmax(logits_s)[j] for i, j in pairs])
+                                       + jax.nn.log_softmax(logits_s)[j] for i, j in pairs]
+                                      ) / WEIGHT_STEP_SCALE  # stored logits are scaled
     posterior = guide.get_posterior(params)
     x, _ = posterior.sample_components(random.key(1), (16,))
     log_p = jax.jit(lambda x: unconstrained_log_joint(

@@ -14,7 +14,7 @@ from pyro.optim import Adam
 from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture, init_classifier_params
 from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO, rb_mixture_elbo
 from pyro_mixvi.guides.base import FiniteMixture, unconstrained_log_joint
-from pyro_mixvi.guides.cwm import AutoCWM
+from pyro_mixvi.guides.cwm import WEIGHT_STEP_SCALE, AutoCWM
 from tests.properties import assert_close_in_mc_error
 
 LOG_Z = -5.0  # an unnormalized target, as in VI (log evidence is never 0 in practice)
@@ -141,7 +141,7 @@ def test_exact_guide_gives_log_evidence_with_zero_variance(dtype):
         guide.locs.copy_(torch.stack([torch.cat([loc_x[i], loc_s[j:j + 1]]) for i, j in pairs]))
         guide.scales = torch.stack([torch.cat([scale_x[i], scale_s[j:j + 1]]) for i, j in pairs])
         guide.logits.copy_(torch.stack([logits_x.log_softmax(0)[i] + logits_s.log_softmax(0)[j]
-                                        for i, j in pairs]))
+                                        for i, j in pairs]) / WEIGHT_STEP_SCALE)  # stored scaled
     elbo = RBMixture_ELBO(num_particles=16)
     posterior = guide.get_posterior()
     x, log_w = posterior.rsample_components((16,))
