@@ -44,7 +44,11 @@ from numpyro_mixvi.distributions.flow_mixture import (
 from numpyro_mixvi.flows import MAF, RBIG, RealNVP, rbig_init, rbig_step
 from numpyro_mixvi.flows._flowjax import typed_key
 from numpyro_mixvi.flows.rbig import marginal_gaussianize
-from numpyro_mixvi.guides.base import SampleSummariesOnly, unconstrained_log_joint
+from numpyro_mixvi.guides.base import (
+    SampleSummariesOnly,
+    latent_site_name,
+    unconstrained_log_joint,
+)
 
 __all__ = ["AutoFlowMixture", "FitResult"]
 
@@ -323,8 +327,15 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
         return params, FitResult(expert_losses, weights, 1.0 / (weights**2).sum(), joint_losses)
 
     def _initial_params(self, rng_key: Array, args: tuple, kwargs: dict) -> dict:
-        """Run the guide once (setting up the prototype) and collect its constrained params."""
-        guide_trace = handlers.trace(handlers.seed(self, rng_key)).get_trace(*args, **kwargs)
+        """Run the guide once (setting up the prototype) and collect its constrained params.
+
+        The latent site is substituted with the init location, so no expert is sampled here
+        (eager flowjax sampling compiles op by op: ~half of this call's cost otherwise).
+        """
+        name = latent_site_name(self)
+        at_init = lambda site: self._init_latent if site["name"] == name else None  # noqa: E731
+        guide = handlers.substitute(handlers.seed(self, rng_key), substitute_fn=at_init)
+        guide_trace = handlers.trace(guide).get_trace(*args, **kwargs)
         return {name: site["value"] for name, site in guide_trace.items()
                 if site["type"] == "param"}
 
