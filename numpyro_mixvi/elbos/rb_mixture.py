@@ -60,9 +60,11 @@ class RBMixture_ELBO(ELBO):  # noqa: N801 (Pyro's ELBO spelling)
 
     By default ``log q`` enters through its path derivative only (:func:`path_log_prob`,
     "sticking the landing"): still unbiased, and its variance goes to zero as the guide
-    approaches the posterior. Measured on the 2-D targets of ``tests/numpyro/test_cwm_fits.py``
-    it raises the final ELBO of both AutoCWM and the constant-weight mixture;
-    ``sticking_the_landing=False`` gives the plain reparameterization gradient.
+    approaches the posterior. Measured (K = 4, 8 particles, 2000 Adam steps at 2e-2, 6 seeds):
+    AutoCWM's final ELBO rose from -0.290 to -0.207 on banana and from -0.102 to -0.043 on
+    x_shape; the constant-weight mixture moved by less than 0.05 either way (on eight_modes
+    it fell from -0.854 to -0.904). ``sticking_the_landing=False`` gives the plain
+    reparameterization gradient.
 
     Shapes:
         ``N = num_particles`` base draws cost ``N * K`` model evaluations.
