@@ -239,16 +239,16 @@ class SemiImplicitNormal(TorchDistribution):
     r"""Semi-implicit Gaussian :math:`q(z) = E_{\epsilon} N(z; \mu(\epsilon), \sigma(\epsilon)^2)`.
 
     ``rsample`` is exact and reparameterized. ``log_prob(z)`` is the importance-sampled
-    estimate :math:`\log \hat q(z)` (biased low by ``O(1/k)``; see :func:`importance_score`)
+    estimate :math:`\log \hat q(z)`: biased low by ``O(1/k)`` at an arbitrary ``z``, biased high
+    at a ``z`` this instance drew (its own ``eps`` joins the ``k`` draws; see
+    :func:`importance_score`), so ELBO, log evidence and k-hat from guide draws are conservative
     whose **gradient** is the path-gradient surrogate: :math:`\hat s(z)` with respect to ``z`` and
     zero with respect to the parameters at fixed ``z`` (sticking the landing). So any ELBO that
     differentiates ``log_prob`` or ``score_parts`` gets the SIVI path gradient.
 
     ``score_parts(z)``, for a ``z`` this instance drew, also carries the proposal's forward-KL
     surrogate ``-log tau(eps | z) + stop_grad(...)`` (value 0), so ``Trace_ELBO``-style
-    estimators train a flow proposal jointly. ``score_parts`` puts the draw's own ``eps`` among
-    the ``k`` importance draws (see :func:`importance_score`): its ``log_prob`` is then biased
-    high, so the ELBO it reports is biased low.
+    estimators train a flow proposal jointly.
 
     Shapes:
         ``sample(sample_shape)`` is ``sample_shape + batch_shape + (D,)``;
@@ -337,7 +337,10 @@ class SemiImplicitNormal(TorchDistribution):
         return log_q, score
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return self._surrogate_log_prob(value, None)
+        # At a draw of this instance its own eps takes one of the k slots (as NumPyro's guide
+        # does through the site's intermediates): log q is then biased high, so ELBO, log
+        # evidence and k-hat computed from guide draws err on the conservative side.
+        return self._surrogate_log_prob(value, self._own_mixing(value))
 
     def _surrogate_log_prob(self, value, own_mixing):
         log_q, score = self.importance_score(value, own_mixing)

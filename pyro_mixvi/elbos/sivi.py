@@ -32,8 +32,9 @@ class SIVI_ELBO(Trace_ELBO):
     misses, which keeps training stable, and ``E log q_hat >= log q``. So the loss returned by
     ``loss_and_grads`` (the one ``svi.step`` returns), ``-(log p(z) - log q_hat(z))`` averaged
     over particles, is an honest ELBO estimate biased towards a *lower* ELBO by ``O(1/k)``.
-    ``loss`` (``svi.evaluate_loss``) has no own draws: it uses ``log_prob``, the paper's
-    estimator, biased towards a *higher* ELBO by ``O(1/k)`` (Jensen); the two bracket the ELBO.
+    ``loss`` (``svi.evaluate_loss``) reports the same conservative estimate: the guide's
+    ``log_prob`` also puts a draw's own ``eps`` among the ``k`` (at any other point it is the
+    paper's estimator, biased towards a *higher* ELBO by ``O(1/k)``).
 
     Args:
         num_particles: Draws of ``z`` per step.

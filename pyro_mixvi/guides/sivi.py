@@ -54,8 +54,10 @@ class AutoSIVI(AutoContinuous):
     ``get_posterior().log_prob(x)`` is the importance-sampled :math:`\log \hat q(x)` with
     ``num_importance_samples`` draws from the proposal :math:`\tau(\epsilon \mid x)` — a
     conditional RealNVP (``proposal="flow"``, AISIVI) or the prior (``proposal="prior"``,
-    BSIVI). It is biased low by ``O(1/k)`` (Jensen), so ELBO estimates are biased high and
-    ``log_evidence`` / PSIS weights inherit that bias; raise ``k`` to shrink it. Its gradient is
+    BSIVI). At the guide's own draws (ELBO, ``log_evidence``, ``psis_diagnostic``,
+    ``to_arviz``) the draw's mixing ``eps`` is one of the ``k`` draws, which biases ``log q``
+    high by ``O(1/k)``: those estimates err low (conservative), as in NumPyro; raise ``k`` to
+    shrink the bias. At any other point ``log_prob`` is biased low (Jensen). Its gradient is
     the SIVI path gradient (importance-sampled score, detached), so ``Trace_ELBO`` trains the
     guide correctly and also trains the flow proposal by forward KL; :class:`SIVI_ELBO` adds
     the choice of ``k`` and proposal per step. In training, each draw's own mixing ``eps``
