@@ -26,6 +26,7 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
+from benchmarks.report import with_overrides
 from mixvi.metrics import mmd
 
 PAPER_TARGETS = (
@@ -201,10 +202,7 @@ def run(*, quick: bool = False, seeds=(0, 1, 2), output_dir=None, targets=PAPER_
     if quick:
         cfg.update(steps=150, layers=4, ema_steps=20, n_metric=500)
         seeds = seeds[:1]
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise ValueError(f"unknown configuration keys {sorted(unknown)}; known: {sorted(cfg)}")
-    cfg.update(overrides)
+    with_overrides(cfg, overrides)
     summary = {}
     for name in targets:
         rows = [one_run(name, seed, cfg) for seed in seeds]

@@ -32,6 +32,19 @@ DOCS_PAGE = REPO / "docs" / "benchmarks.md"
 PAGE_ORDER = ("posteriordb", "waveform", "timing")
 
 
+def with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``config`` updated by ``overrides`` (a run's command-line settings), in place.
+
+    Raises:
+        ValueError: If ``overrides`` names a key ``config`` does not have (lists the known ones).
+    """
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise ValueError(f"unknown configuration keys {sorted(unknown)}; known: {sorted(config)}")
+    config.update(overrides)
+    return config
+
+
 def _git(*args: str) -> str:
     try:
         out = subprocess.run(
