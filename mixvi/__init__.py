@@ -21,8 +21,10 @@ from mixvi.metrics import (
     sliced_wasserstein,
     standardized_mean_error,
 )
+from mixvi.psis import LogEvidence, log_evidence_from_weights, pareto_khat
 
 __all__ = [
+    "LogEvidence",
     "bench_data_dir",
     "compare_to_reference",
     "flatten_draws",
@@ -30,7 +32,9 @@ __all__ = [
     "load_euler_image",
     "load_posteriordb",
     "load_waveform",
+    "log_evidence_from_weights",
     "mmd",
+    "pareto_khat",
     "monte_carlo_kl",
     "sd_ratio",
     "sliced_wasserstein",

@@ -1,6 +1,7 @@
-"""Pareto-k̂ of importance weights (Vehtari, Simpson, Gelman, Yao, Gabry: PSIS, 2015-2024).
+"""What importance weights say about a guide: Pareto-k̂ (PSIS) and the log-evidence estimate.
 
-Numpy only, so both backends report the same k̂ for the same log-weights. ``k̂ < 0.5``: the
+Numpy only, so both backends report the same k̂ and ``log Ẑ`` for the same log-weights
+(``log p(y, θ_s) - log q(θ_s)``, from either backend's ``log_importance_weights``). ``k̂ < 0.5``: the
 guide covers the target well; ``0.5 <= k̂ < 0.7``: usable with care; ``k̂ >= 0.7``: the
 importance weights have a heavy tail and the guide misses mass (for example a mode).
 
@@ -8,9 +9,14 @@ Example:
     >>> rng = np.random.default_rng(0)
     >>> bool(pareto_khat(rng.normal(size=4000) * 0.1) < 0.5)
     True
+    >>> log_evidence_from_weights(np.zeros(100))
+    LogEvidence(estimate=0.0, stderr=0.0)
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,3 +75,38 @@ def pareto_khat(log_weights: np.ndarray) -> float:
         # the largest weight does: a few draws carry all the weight.
         return float("inf")
     return _fit_generalized_pareto(exceedances)
+
+
+class LogEvidence(NamedTuple):
+    """Importance-sampling estimate of ``log p(y)``.
+
+    Attributes:
+        estimate: ``log mean_s exp(log p(y, θ_s) - log q(θ_s))``.
+        stderr: Delta-method Monte Carlo standard error of ``estimate``:
+            ``sd(w) / (sqrt(S) mean(w))`` for the weights ``w``; ``inf`` with one draw or
+            an infinite weight, ``nan`` when a weight is NaN.
+    """
+
+    estimate: float
+    stderr: float
+
+
+def log_evidence_from_weights(log_weights: np.ndarray) -> LogEvidence:
+    """``log Ẑ = log mean_s exp(log_weights)`` with its Monte Carlo standard error.
+
+    Use it with :func:`pareto_khat` on the same log-weights, so that one set of guide draws
+    gives both the evidence and the k̂ that says whether to trust it.
+
+    Shapes:
+        ``log_weights``: any shape, flattened to ``(S,)``.
+    """
+    log_weights = np.asarray(log_weights, dtype=np.float64).ravel()
+    shift = log_weights.max()
+    if not np.isfinite(shift):
+        return LogEvidence(float(shift), float("nan") if np.isnan(shift) else math.inf)
+    weights = np.exp(log_weights - shift)
+    mean = weights.mean()
+    if weights.size < 2:
+        return LogEvidence(float(shift + math.log(mean)), math.inf)
+    stderr = weights.std(ddof=1) / (math.sqrt(weights.size) * mean)
+    return LogEvidence(float(shift + math.log(mean)), float(stderr))

@@ -4,7 +4,7 @@ The public names are the same in ``pyro_mixvi``. This package never imports torc
 """
 
 from numpyro_mixvi.arviz import to_arviz
-from numpyro_mixvi.diagnostics import log_evidence, psis_diagnostic
+from numpyro_mixvi.diagnostics import log_evidence, log_importance_weights, psis_diagnostic
 from numpyro_mixvi.distributions.cwm import ClassifierWeightedMixture
 from numpyro_mixvi.distributions.flow_mixture import FlowMixture, fit_weights
 from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
@@ -44,6 +44,7 @@ __all__: list[str] = [
     "PoEVAE",
     "make_circles_squares",
     "log_evidence",
+    "log_importance_weights",
     "make_paired_digits",
     "psis_diagnostic",
     "SIVI_ELBO",

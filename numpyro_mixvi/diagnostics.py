@@ -19,9 +19,8 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,20 +28,7 @@ import numpy as np
 from numpyro import handlers
 from numpyro.infer.util import log_density
 
-from mixvi.psis import pareto_khat
-
-
-class LogEvidence(NamedTuple):
-    """Importance-sampling estimate of ``log p(y)``.
-
-    Attributes:
-        estimate: ``log mean_s exp(log p(y, θ_s) - log q(θ_s))``.
-        stderr: Delta-method Monte Carlo standard error of ``estimate``:
-            ``sd(w) / (sqrt(S) mean(w))`` for the weights ``w``.
-    """
-
-    estimate: float
-    stderr: float
+from mixvi.psis import LogEvidence, log_evidence_from_weights, pareto_khat
 
 
 def _check_sizes(num_samples: int, chunk_size: int | None) -> None:
@@ -132,19 +118,6 @@ def log_importance_weights(
     return np.asarray(log_p, dtype=np.float64) - np.asarray(log_q, dtype=np.float64)
 
 
-def _log_mean_exp_with_stderr(log_weights: np.ndarray) -> LogEvidence:
-    log_weights = np.asarray(log_weights, dtype=np.float64)
-    shift = log_weights.max()
-    if not np.isfinite(shift):
-        return LogEvidence(float(shift), float("inf"))
-    weights = np.exp(log_weights - shift)
-    mean = weights.mean()
-    if weights.size < 2:
-        return LogEvidence(float(shift + math.log(mean)), math.inf)
-    stderr = weights.std(ddof=1) / (math.sqrt(weights.size) * mean)
-    return LogEvidence(float(shift + math.log(mean)), float(stderr))
-
-
 def log_evidence(
     rng_key: jax.Array,
     params: dict,
@@ -185,7 +158,7 @@ def log_evidence(
     References:
         Burda, Grosse, Salakhutdinov. Importance Weighted Autoencoders. ICLR 2016.
     """
-    return _log_mean_exp_with_stderr(
+    return log_evidence_from_weights(
         log_importance_weights(
             rng_key,
             params,

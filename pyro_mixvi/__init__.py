@@ -4,7 +4,7 @@ The public names are the same in ``numpyro_mixvi``. This package never imports J
 """
 
 from pyro_mixvi.arviz import to_arviz
-from pyro_mixvi.diagnostics import log_evidence, psis_diagnostic
+from pyro_mixvi.diagnostics import log_evidence, log_importance_weights, psis_diagnostic
 from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture
 from pyro_mixvi.distributions.flow_mixture import FlowMixture, fit_weights
 from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
@@ -44,6 +44,7 @@ __all__: list[str] = [
     "PoEVAE",
     "make_circles_squares",
     "log_evidence",
+    "log_importance_weights",
     "make_paired_digits",
     "psis_diagnostic",
     "SIVI_ELBO",

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,7 +32,7 @@ from pyro.infer.util import is_validation_enabled, plate_log_prob_sum
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
-from mixvi.psis import pareto_khat
+from mixvi.psis import LogEvidence, log_evidence_from_weights, pareto_khat
 
 PARTICLE_PLATE = "num_particles_vectorized"  # the name Pyro's vectorized importance uses
 
@@ -54,19 +53,6 @@ class ImportanceDraws(NamedTuple):
     model_trace: Any
     guide_trace: Any
     max_plate_nesting: int
-
-
-class LogEvidence(NamedTuple):
-    """Importance-sampling estimate of ``log p(y)``.
-
-    Attributes:
-        estimate: ``log mean_s exp(log p(y, θ_s) - log q(θ_s))``.
-        stderr: Delta-method Monte Carlo standard error of ``estimate``:
-            ``sd(w) / (sqrt(S) mean(w))`` for the weights ``w``.
-    """
-
-    estimate: float
-    stderr: float
 
 
 def _max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
@@ -205,19 +191,6 @@ def log_importance_weights(
     return np.concatenate([(d.log_p - d.log_q).detach().cpu().double().numpy() for d in draws])
 
 
-def _log_mean_exp_with_stderr(log_weights: np.ndarray) -> LogEvidence:
-    log_weights = np.asarray(log_weights, dtype=np.float64)
-    shift = log_weights.max()
-    if not np.isfinite(shift):
-        return LogEvidence(float(shift), float("nan") if np.isnan(shift) else float("inf"))
-    weights = np.exp(log_weights - shift)
-    mean = weights.mean()
-    stderr = (
-        weights.std(ddof=1) / (math.sqrt(weights.size) * mean) if weights.size > 1 else math.inf
-    )
-    return LogEvidence(float(shift + math.log(mean)), float(stderr))
-
-
 def log_evidence(
     model: Callable,
     guide: Callable,
@@ -254,7 +227,7 @@ def log_evidence(
     References:
         Burda, Grosse, Salakhutdinov. Importance Weighted Autoencoders. ICLR 2016.
     """
-    return _log_mean_exp_with_stderr(
+    return log_evidence_from_weights(
         log_importance_weights(
             model, guide, *args, num_samples=num_samples, chunk_size=chunk_size, **kwargs
         )

@@ -48,7 +48,6 @@ from sklearn.model_selection import train_test_split
 
 import mixvi
 from mixvi.arviz_bridge import from_draws
-from mixvi.psis import pareto_khat
 from numpyro_mixvi import SIVI_ELBO, AutoCWM, AutoFlowMixture, AutoSIVI, RBMixture_ELBO
 
 QUICK = os.environ.get("MIXVI_TUTORIAL_QUICK", "0") == "1"
@@ -210,7 +209,7 @@ def fit(name, seed=1):
         "max |mean err|/sd": float(mixvi.standardized_mean_error(flat, reference_flat).max()),
         "median sd ratio": float(np.median(mixvi.sd_ratio(flat, reference_flat))),
         "held-out lpd": held_out_log_predictive(draws),
-        "k-hat": pareto_khat(np.asarray(log_p - log_q)),
+        "k-hat": mixvi.pareto_khat(np.asarray(log_p - log_q)),
         "seconds": seconds,
     }
     return row, guide, params, draws, np.asarray(log_p), np.asarray(log_q)

@@ -42,8 +42,7 @@ from numpyro_mixvi import (
     AutoFlowMixture,
     AutoSIVI,
     RBMixture_ELBO,
-    log_evidence,
-    psis_diagnostic,
+    log_importance_weights,
 )
 
 QUICK = os.environ.get("MIXVI_TUTORIAL_QUICK", "0") == "1"
@@ -95,10 +94,12 @@ print(f"NUTS divergences: {int(mcmc.get_extra_fields()['diverging'].sum())}")
 # ## Fit with AutoNormal
 #
 # The loop below is what you would write anyway. `check` reports mixvi's two diagnostics, which
-# need no reference: `psis_diagnostic`, Pareto-k̂ of the importance weights `p(θ, y) / q(θ)`
-# (k̂ < 0.5 good, 0.5–0.7 usable with care, > 0.7 the guide misses posterior mass), and
-# `log_evidence`, the importance-weighted estimate of `log p(y)` (higher is a tighter fit); then,
-# against the NUTS reference, how well the guide matches `log tau`, the funnel's axis.
+# need no reference, both from one set of guide draws (`log_importance_weights`, the log of the
+# importance weights `p(θ, y) / q(θ)`): their Pareto-k̂ (`mixvi.pareto_khat`; k̂ < 0.5 good,
+# 0.5–0.7 usable with care, > 0.7 the guide misses posterior mass), and the importance-weighted
+# estimate of `log p(y)` (`mixvi.log_evidence_from_weights`; higher is a tighter fit). The
+# one-call forms `psis_diagnostic` and `log_evidence` each draw afresh. Then, against the NUTS
+# reference, how well the guide matches `log tau`, the funnel's axis.
 
 
 # %%
@@ -106,17 +107,16 @@ def check(name, guide, params):
     key = jax.random.PRNGKey(2)
     draws = guide.sample_posterior(key, params, sample_shape=(NUM_DRAWS,))
     draws = {k: np.asarray(draws[k]) for k in reference}
-    # mixvi's diagnostics: k-hat of the importance weights p(θ, y) / q(θ), and the
-    # importance-weighted log evidence (a stochastic lower bound on log p(y)).
-    khat = psis_diagnostic(key, params, eight_schools, guide, sigma, y, num_samples=NUM_DRAWS)
-    evidence = log_evidence(key, params, eight_schools, guide, sigma, y, num_samples=NUM_DRAWS)
+    log_weights = log_importance_weights(
+        key, params, eight_schools, guide, sigma, y, num_samples=NUM_DRAWS
+    )
     log_tau, log_tau_ref = np.log(draws["tau"]), np.log(reference["tau"])
     flat, _ = mixvi.flatten_draws(draws)
     flat_ref, _ = mixvi.flatten_draws(reference)
     return {
         "guide": name,
-        "k-hat": khat,
-        "log evidence": evidence.estimate,
+        "k-hat": mixvi.pareto_khat(log_weights),
+        "log evidence": mixvi.log_evidence_from_weights(log_weights).estimate,
         "sd(log tau) / NUTS": float(log_tau.std() / log_tau_ref.std()),
         "5% of tau": float(np.quantile(draws["tau"], 0.05)),
         "max |mean err|/sd": float(mixvi.standardized_mean_error(flat, flat_ref).max()),

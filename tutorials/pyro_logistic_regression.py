@@ -38,7 +38,6 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
 import mixvi
-from mixvi.psis import pareto_khat
 from pyro_mixvi import SIVI_ELBO, AutoCWM, AutoFlowMixture, AutoSIVI, RBMixture_ELBO, to_arviz
 
 QUICK = os.environ.get("MIXVI_TUTORIAL_QUICK", "0") == "1"
@@ -176,7 +175,7 @@ def fit(name, seed=1):
         "max |mean err|/sd": float(mixvi.standardized_mean_error(flat, reference_flat).max()),
         "median sd ratio": float(np.median(mixvi.sd_ratio(flat, reference_flat))),
         "held-out lpd": held_out_log_predictive(draws),
-        "k-hat": pareto_khat(log_weights),
+        "k-hat": mixvi.pareto_khat(log_weights),
         "seconds": seconds,
     }
     return row, idata, draws

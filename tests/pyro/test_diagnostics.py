@@ -15,8 +15,8 @@ from pyro.infer.autoguide import AutoDiagonalNormal  # noqa: E402
 from pyro.infer.importance import psis_diagnostic as pyro_psis_diagnostic  # noqa: E402
 from pyro.optim import Adam  # noqa: E402
 
+from mixvi.psis import log_evidence_from_weights  # noqa: E402
 from pyro_mixvi.diagnostics import (  # noqa: E402
-    _log_mean_exp_with_stderr,
     log_evidence,
     log_importance_weights,
     psis_diagnostic,
@@ -160,7 +160,7 @@ def test_stderr_is_honest_across_seeds(dtype):
     num_batches, batch = 40, 250
     log_w = log_importance_weights(normal_model, guide, y, num_samples=num_batches * batch)
     assert log_w.shape == (num_batches * batch,)
-    results = [_log_mean_exp_with_stderr(w) for w in log_w.reshape(num_batches, batch)]
+    results = [log_evidence_from_weights(w) for w in log_w.reshape(num_batches, batch)]
     estimates = np.array([r.estimate for r in results])
     stderrs = np.array([r.stderr for r in results])
     # The sample sd of 40 estimates has ~11% relative error; allow a factor of 1.5.
