@@ -336,8 +336,12 @@ def train_expert(
     lr: float,
     label: str = "expert",
     progress_bar: bool = True,
+    optimizer: optax.GradientTransformation | None = None,
 ) -> tuple[object, Array]:
     """Adam on ``loss_fn(params, static, key, *loss_args)``; stops at the first non-finite loss.
+
+    ``optimizer`` replaces ``Adam(lr)`` (e.g. per-group step sizes); pass one object per
+    configuration (cached) so repeated fits reuse the compiled steps.
 
     The trainable leaves are the inexact arrays outside ``paramax.NonTrainable`` wrappers (as
     in flowjax's own loops). Steps run as ``flowjax.train.step`` inside a jitted ``lax.scan``
@@ -353,7 +357,7 @@ def train_expert(
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1; got {num_steps}")
     params, static = partition_trainable(expert)
-    optimizer = _adam(lr)
+    optimizer = _adam(lr) if optimizer is None else optimizer
     opt_state = optimizer.init(params)
     chunk = min(num_steps, 100)
     num_chunks = -(-num_steps // chunk)

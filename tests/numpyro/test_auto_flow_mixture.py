@@ -78,6 +78,11 @@ def test_fit_result_and_protocol(x64):
     for k in (0,):
         (kl0, se0), (kl1, se1) = (_kl(q.experts[k], jax.random.key(8)) for q in (init, trained))
         assert kl1 < kl0 - 4 * math.hypot(se0, se1) and kl1 > -4 * se1, (kl0, kl1)
+    # At initialization the expert is exactly N(init_loc, 0.1^2 I) (identity flow; a single
+    # parametric expert has no spread offset): equal log-densities up to float rounding.
+    pts = fresh._init_latent + 0.1 * jax.random.normal(jax.random.key(9), (5, 2), dtype)
+    expected = dist.Normal(fresh._init_latent, 0.1).to_event(1).log_prob(pts)
+    np.testing.assert_allclose(init.experts[0].log_prob(pts), expected, rtol=1e-5, atol=1e-4)
     posterior = guide.get_posterior(params)
     assert isinstance(posterior, FlowMixture) and len(posterior.experts) == 2
     n = 4000
@@ -181,8 +186,10 @@ def bimodal_model_exact():
 _BROKEN = {}
 
 
-@pytest.mark.parametrize("broken", ["nan", "-inf"])
-def test_stage2_broken_expert_gets_zero_weight(broken, x64):
+@x64_fast_float32
+@pytest.mark.parametrize("broken, weight_update", [("nan", "ema"), ("-inf", "ema"),
+                                                   ("nan", "elbo")])
+def test_stage2_broken_expert_gets_zero_weight(broken, weight_update, x64):
     """Stage 2 alone on two fresh experts, one broken: its weight ends ~0, nothing is NaN."""
     if x64 not in _BROKEN:  # one guide per dtype: both cases reuse its compiled stage 2
         _BROKEN[x64] = AutoFlowMixture(bimodal_model, experts=("maf", "realnvp"),
@@ -200,7 +207,7 @@ def test_stage2_broken_expert_gets_zero_weight(broken, x64):
         params[name] = jax.tree.leaves(partition_trainable(tiny)[0])
     # Both experts are in the proposal, so the batch-level health mask is exercised too.
     weights = guide._fit_weights(jax.random.PRNGKey(5), [0, 1], params, (), {}, 60, 128, 0.9,
-                                 "ema", False)
+                                 weight_update, False)
     assert bool(jnp.isfinite(weights).all()) and math.isclose(float(weights.sum()), 1.0,
                                                               rel_tol=1e-5)
     if broken == "nan":  # weight exactly 0, and the expert leaves the mixture
@@ -211,6 +218,23 @@ def test_stage2_broken_expert_gets_zero_weight(broken, x64):
         assert len(guide.get_posterior(params).experts) == 1
     else:  # the step's target is 0 every step: weight <= 0.5 * 0.9^60 = 9e-4
         assert float(weights[1]) < 1e-3
+
+
+def test_elbo_weights_recover_the_mixing_proportions(x64):
+    """Experts N(-4, 1) and N(4, 1), target 0.3 N(-4, 1) + 0.7 N(4, 1): log p - log q_pi is 0
+    at pi = (0.3, 0.7) for every draw, and the overlap of the experts is ~e^-8, so the
+    estimated ELBO is -KL(pi || (0.3, 0.7)) up to ~1e-4 and its maximizer is (0.3, 0.7)."""
+    from numpyro_mixvi.guides.flow_mixture import _elbo_optimal_weights
+
+    experts = [dist.Normal(m, 1.0) for m in (-4.0, 4.0)]
+    target = dist.MixtureSameFamily(dist.Categorical(probs=jnp.array([0.3, 0.7])),
+                                    dist.Normal(jnp.array([-4.0, 4.0]), 1.0))
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    x = jnp.stack([e.sample(k, (2000,)) for e, k in zip(experts, keys, strict=True)])
+    log_q = jnp.stack([e.log_prob(x) for e in experts], -1)  # (K, B, K)
+    pi = _elbo_optimal_weights(target.log_prob(x), log_q)
+    assert pi.dtype == (jnp.float64 if x64 else jnp.float32)
+    np.testing.assert_allclose(pi, [0.3, 0.7], atol=1e-2)
 
 
 def test_stock_elbo_refused():
@@ -230,6 +254,8 @@ def test_bad_arguments():
         AutoFlowMixture(bimodal_model, experts=("rbig",))
     with pytest.raises(ValueError, match="init_scale"):
         AutoFlowMixture(bimodal_model, init_scale=0.0)
+    with pytest.raises(ValueError, match="init_spread"):
+        AutoFlowMixture(bimodal_model, init_spread=-1.0)
     with pytest.raises(ValueError, match="rbig"):
         AutoFlowMixture(bimodal_model, expert_kwargs={"rbig": {"num_layers": 3}})
     guide = AutoFlowMixture(bimodal_model, experts=("maf",), expert_kwargs=SMALL)
