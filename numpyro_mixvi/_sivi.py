@@ -11,7 +11,7 @@ chunks: memory is ``O(chunk_size * N * (m + D))`` whatever ``k`` is.
 
 The three choices that keep training stable at ``AutoNormal``'s learning rates are those of
 ``pyro_mixvi._sivi`` (measured on centered eight schools): the mixing network's output is scaled
-by ``1 / fan_in`` of its last layer (one Adam step moves ``mu(eps)`` by ``O(lr)``), the flow
+by :func:`output_multiplier` ``= 1 / fan_in`` of its last layer, the flow
 proposal sees the standardized point ``(z - loc) / sigma`` (:class:`StandardizedProposal`) and
 starts as the prior, and in training the draw's own ``eps`` takes one of the ``k`` slots.
 """
@@ -36,6 +36,7 @@ __all__ = [
     "generator_apply",
     "generator_init",
     "importance_score",
+    "output_multiplier",
 ]
 
 
@@ -54,11 +55,9 @@ def generator_init(
 ) -> dict[str, Any]:
     """Parameters of ``q(z | eps) = N(mu(eps), sigma(eps)^2)``; ``q = N(init_loc, init_scale^2)``.
 
-    ``mu(eps) = loc + MLP(eps) / fan_in`` (ReLU, zero-initialized last layer, torch-style
-    uniform fan-in init elsewhere); ``sigma = softplus(raw_scale [+ MLP_scale(eps) / fan_in])``.
-    ``fan_in`` is the input width of the last layer: with Adam each of its weights moves by about
-    ``lr`` per step, so without the factor ``mu(eps)`` would move ``fan_in`` times faster than
-    ``loc`` (the cause of divergence on funnels at lr >= 1e-2).
+    ``mu(eps) = loc + MLP(eps) * m`` (ReLU, zero-initialized last layer, torch-style
+    uniform fan-in init elsewhere); ``sigma = softplus(raw_scale [+ MLP_scale(eps) * m])``, with
+    ``m = output_multiplier(fan_in)`` of the last layer (see :func:`output_multiplier`).
     """
     latent_dim = init_loc.shape[-1]
     dtype = init_loc.dtype
@@ -83,13 +82,26 @@ def generator_init(
     }
 
 
+def output_multiplier(fan_in: int) -> float:
+    """Factor on the mixing network's output: ``1 / fan_in`` of its last layer.
+
+    With Adam every last-layer weight moves by about ``lr`` per step, so the output moves by
+    ``O(lr * fan_in * multiplier)``: ``1 / fan_in`` keeps that at ``O(lr)``, as ``loc`` moves
+    (without it SVI diverges on centered eight schools at lr 1e-2 to 3e-2). It also slows the
+    mixing network down (banana ELBO -0.70 after 600 steps, a Gaussian's; -0.27 with
+    ``1 / sqrt(fan_in)``, which diverged on eight schools at lr 3e-2, seed 2): see
+    ``benchmarks/results/sivi.md``.
+    """
+    return 1.0 / fan_in
+
+
 def generator_apply(params: dict[str, Any], eps: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``eps (..., m) -> (loc (..., D), scale (..., D))``."""
     hidden = eps
     for weight, bias in params["net"][:-1]:
         hidden = jax.nn.relu(hidden @ weight + bias)
     weight, bias = params["net"][-1]
-    out = (hidden @ weight + bias) / weight.shape[0]
+    out = (hidden @ weight + bias) * output_multiplier(weight.shape[0])
     latent_dim = params["loc"].shape[-1]
     loc = params["loc"] + out[..., :latent_dim]
     raw_scale = params["raw_scale"]
@@ -275,6 +287,7 @@ class SemiImplicitNormal(Distribution):
         mixing_dim: int,
         num_importance_samples: int,
         chunk_size: int | None = None,
+        proposal_batch_size: int = 0,
         rng_key: jax.Array | None = None,
         batch_shape: tuple[int, ...] = (),
         validate_args: bool | None = None,
@@ -284,6 +297,7 @@ class SemiImplicitNormal(Distribution):
         self.generator_params, self.proposal = generator_params, proposal
         self.mixing_dim, self.num_importance_samples = int(mixing_dim), int(num_importance_samples)
         self.chunk_size, self.rng_key = chunk_size, rng_key
+        self.proposal_batch_size = int(proposal_batch_size)
         latent_dim = generator_params["loc"].shape[-1]
         super().__init__(tuple(batch_shape), (latent_dim,), validate_args=False)
 
@@ -294,6 +308,7 @@ class SemiImplicitNormal(Distribution):
             mixing_dim=self.mixing_dim,
             num_importance_samples=self.num_importance_samples,
             chunk_size=self.chunk_size,
+            proposal_batch_size=self.proposal_batch_size,
             rng_key=self.rng_key,
             batch_shape=tuple(batch_shape),
         )
@@ -336,7 +351,29 @@ class SemiImplicitNormal(Distribution):
         log_q, score = self.importance_score(key, value, eps)
         log_q = log_q + (score * (value - lax.stop_gradient(value))).sum(-1)
         if eps is not None and self.proposal is not None:
-            eps, context = lax.stop_gradient((eps, value))
-            nll = -self.proposal.log_prob(eps, condition=context)
+            nll = self.proposal_loss(jax.random.fold_in(key, 1), value, eps)
             log_q = log_q + (nll - lax.stop_gradient(nll))
         return log_q
+
+    def proposal_loss(self, rng_key: jax.Array, value: jax.Array, eps: jax.Array) -> jax.Array:
+        """Forward-KL loss of the proposal for the draws ``value`` (mixing draws ``eps``).
+
+        The mean of ``-log tau(eps | z)`` over the drawn pair and ``proposal_batch_size`` fresh
+        pairs ``eps ~ N(0, I_m)``, ``z ~ q(z | eps)`` per draw (generator under
+        ``stop_gradient``: no tangent to the guide's parameters; the context ``z`` is detached
+        as the paper's estimator needs).
+
+        Shapes:
+            ``value`` is ``batch_shape + (D,)``, ``eps`` ``batch_shape + (m,)``; returns
+            ``batch_shape``.
+        """
+        eps, z = lax.stop_gradient((eps[None], value[None]))
+        if self.proposal_batch_size:
+            eps_key, noise_key = jax.random.split(rng_key)
+            shape = (self.proposal_batch_size, *eps.shape[1:])
+            fresh_eps = jax.random.normal(eps_key, shape, eps.dtype)
+            loc, scale = generator_apply(_detach(self.generator_params), fresh_eps)
+            fresh_z = loc + scale * jax.random.normal(noise_key, loc.shape, loc.dtype)
+            eps = jnp.concatenate([eps, fresh_eps])
+            z = jnp.concatenate([z, fresh_z])
+        return -self.proposal.log_prob(eps, condition=z).mean(0)

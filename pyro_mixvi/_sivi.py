@@ -20,10 +20,9 @@ Everything here runs under ``torch.no_grad`` in chunks of draws, so memory is
 Three choices keep training stable at the learning rates ``AutoNormal`` takes (measured on
 centered eight schools, Adam lr 1e-2 and 3e-2; without them the fit diverges):
 
-* the mixing network's output is multiplied by ``1 / fan_in`` of its last layer, so one Adam
-  step moves ``mu(eps)`` by ``O(lr)``, as it moves ``AutoNormal``'s location; without it the
-  ``fan_in`` last-layer weights, each moved by ``lr``, spread ``mu(eps)`` by ``O(fan_in * lr)``
-  per step, ``sigma`` stays small and ``q(eps | z)`` collapses faster than the proposal learns;
+* the mixing network's output is multiplied by :func:`output_multiplier` ``= 1 / fan_in`` of
+  its last layer, so one Adam step moves ``mu(eps)`` by ``O(lr)``, as it moves ``AutoNormal``'s
+  location (at the price of a slowly learning network, see :func:`output_multiplier`);
 * the flow proposal is conditioned on the standardized point ``(z - loc) / sigma`` (the
   generator's global location and scale, detached) and starts as the prior (zero last layers);
 * during training the draw's own ``eps`` takes one of the ``k`` slots for either proposal (see
@@ -43,21 +42,38 @@ from pyro.distributions.score_parts import ScoreParts
 from torch import nn
 from torch.nn.functional import softplus
 
-__all__ = ["ConditionalNormalGenerator", "SemiImplicitNormal", "importance_score"]
+__all__ = [
+    "ConditionalNormalGenerator",
+    "SemiImplicitNormal",
+    "importance_score",
+    "output_multiplier",
+]
 
 
 def _inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
 
+def output_multiplier(fan_in: int) -> float:
+    """Factor on the mixing network's output: ``1 / fan_in`` of its last layer.
+
+    With Adam every last-layer weight moves by about ``lr`` per step, so the output moves by
+    ``O(lr * fan_in * multiplier)``: ``1 / fan_in`` keeps that at ``O(lr)``, as ``loc`` moves
+    (without it SVI diverges on centered eight schools at lr 1e-2 to 3e-2). It also slows the
+    mixing network down (banana ELBO -0.70 after 600 steps, a Gaussian's; -0.27 with
+    ``1 / sqrt(fan_in)``, which diverged on eight schools at lr 3e-2, seed 2): see
+    ``benchmarks/results/sivi.md``.
+    """
+    return 1.0 / fan_in
+
+
 class ConditionalNormalGenerator(nn.Module):
     r"""The conditional :math:`q(z \mid \epsilon) = \mathcal{N}(\mu(\epsilon), \sigma(\epsilon)^2)`.
 
-    ``mu(eps) = loc + MLP(eps) / fan_in`` with a zero-initialized last layer, so at
+    ``mu(eps) = loc + MLP(eps) * c`` with a zero-initialized last layer, so at
     initialization ``q(z) = N(loc, init_scale^2 I)``; ``sigma = softplus(raw_scale
-    [+ MLP_scale(eps) / fan_in])``. ``fan_in`` (``output_multiplier = 1 / fan_in``) is the input
-    width of the last layer: with Adam, each of its weights moves by about ``lr`` per step, so
-    without the factor ``mu(eps)`` would move ``fan_in`` times faster than ``loc``.
+    [+ MLP_scale(eps) * c])``, with ``c = output_multiplier(fan_in)`` of the last layer
+    (see :func:`output_multiplier`).
 
     Shapes:
         ``forward(eps)`` maps ``(..., m)`` to ``((..., D), (..., D))``.
@@ -91,7 +107,7 @@ class ConditionalNormalGenerator(nn.Module):
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(*layers, out).to(dtype=init_loc.dtype, device=init_loc.device)
-        self.output_multiplier = 1.0 / widths[-1]
+        self.output_multiplier = output_multiplier(widths[-1])
         self.loc = nn.Parameter(init_loc.detach().clone())
         self.raw_scale = nn.Parameter(
             torch.full_like(init_loc, _inverse_softplus(init_scale))
@@ -278,6 +294,7 @@ class SemiImplicitNormal(TorchDistribution):
         latent_dim: int,
         num_importance_samples: int,
         chunk_size: int | None = None,
+        proposal_batch_size: int = 0,
         prototype: torch.Tensor,
         batch_shape: tuple[int, ...] = (),
         validate_args: bool | None = None,
@@ -287,6 +304,7 @@ class SemiImplicitNormal(TorchDistribution):
         self.generator, self.proposal = generator, proposal
         self.mixing_dim, self.latent_dim = int(mixing_dim), int(latent_dim)
         self.num_importance_samples, self.chunk_size = int(num_importance_samples), chunk_size
+        self.proposal_batch_size = int(proposal_batch_size)
         self._prototype = prototype
         self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
         super().__init__(torch.Size(batch_shape), torch.Size([latent_dim]), validate_args=False)
@@ -299,6 +317,7 @@ class SemiImplicitNormal(TorchDistribution):
             latent_dim=self.latent_dim,
             num_importance_samples=self.num_importance_samples,
             chunk_size=self.chunk_size,
+            proposal_batch_size=self.proposal_batch_size,
             prototype=self._prototype,
             batch_shape=torch.Size(batch_shape),
         )
@@ -354,11 +373,29 @@ class SemiImplicitNormal(TorchDistribution):
         return self._cache[1]
 
     def proposal_loss(self, value: torch.Tensor) -> torch.Tensor | None:
-        """``-log tau(eps | z)`` at the pair this instance drew (``None`` for other values)."""
+        """Forward-KL loss of the proposal for the draws ``value`` of this instance.
+
+        The mean of ``-log tau(eps | z)`` over the pair this instance drew and
+        ``proposal_batch_size`` fresh pairs ``eps ~ N(0, I_m)``, ``z ~ q(z | eps)`` per draw
+        (generator detached: no graph to the guide's parameters, and the context ``z`` is
+        detached as the paper's estimator needs). ``None`` for other values or the prior.
+
+        Shapes:
+            ``value`` is ``batch_shape + (D,)``; returns ``batch_shape``.
+        """
         eps = self._own_mixing(value)
         if self.proposal is None or eps is None:
             return None
-        return -self.proposal(value.detach()).log_prob(eps.detach())
+        eps, z = eps.detach().unsqueeze(0), value.detach().unsqueeze(0)
+        if self.proposal_batch_size:
+            with torch.no_grad():
+                fresh_eps = eps.new_empty(
+                    (self.proposal_batch_size, *eps.shape[1:])
+                ).normal_()
+                loc, scale = self.generator(fresh_eps)
+                fresh_z = loc + scale * torch.randn_like(loc)
+            eps, z = torch.cat([eps, fresh_eps]), torch.cat([z, fresh_z])
+        return -self.proposal(z).log_prob(eps).mean(0)
 
     def score_parts(self, value: torch.Tensor) -> ScoreParts:
         log_prob = self._surrogate_log_prob(value, self._own_mixing(value))

@@ -19,9 +19,12 @@ class SIVI_ELBO(Trace_ELBO):
     is the self-normalized importance estimate of :math:`\nabla_z \log q(z)` from
     ``num_importance_samples`` proposal draws, computed under ``stop_gradient`` in a
     ``lax.scan`` (memory flat in ``k``) with the proposal's context detached. A flow proposal
-    gets the forward-KL gradient :math:`-\nabla_\theta \log \tau_\theta(\epsilon \mid z)` on the
-    same pair in the same step (joint update). The loss value is ``-(log p(z) - log q_hat(z))``:
-    an honest ELBO estimate, biased high by ``O(1/k)`` (Jensen). The whole step jits.
+    gets the forward-KL gradient :math:`-\nabla_\theta \log \tau_\theta(\epsilon \mid z)` in
+    the same step (joint update), averaged over the particles' own pairs and the guide's
+    ``proposal_batch_size`` fresh pairs per step (guide detached, split over the particles).
+    The loss value is ``-(log p(z) - log q_hat(z))`` with each draw's own ``eps`` among the
+    ``k`` draws: an honest ELBO estimate, biased towards a *lower* ELBO by ``O(1/k)`` (an upper
+    bound on ``log q`` in expectation, Sobolev & Vetrov 2019). The whole step jits.
 
     Args:
         num_particles: Draws of ``z`` per step.
@@ -67,7 +70,9 @@ class SIVI_ELBO(Trace_ELBO):
                 "Use Trace_ELBO for other guides."
             )
         with guide.score_options(
-            num_importance_samples=self.num_importance_samples, proposal=self.proposal
+            num_importance_samples=self.num_importance_samples,
+            proposal=self.proposal,
+            num_particles=self.num_particles,
         ):
             return super().loss_with_mutable_state(
                 rng_key, param_map, model, guide, *args, **kwargs

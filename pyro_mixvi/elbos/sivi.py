@@ -23,8 +23,10 @@ class SIVI_ELBO(Trace_ELBO):
     does not grow with ``k``) and with the proposal's context ``z`` detached (the reference
     code's undetached context leaves a bias that does not shrink with ``k``). A flow proposal's
     parameters get the forward-KL gradient :math:`-\nabla_\theta \log \tau_\theta(\epsilon \mid z)`
-    on the same pair ``(eps, z)`` in the same step (joint update; the two gradients touch
-    disjoint parameters, see ``benchmarks/sivi_toys.py`` for the joint-vs-alternating measurement).
+    in the same step (joint update; the two gradients touch disjoint parameters), averaged over
+    the particles' own pairs ``(eps, z)`` and the guide's ``proposal_batch_size`` fresh pairs per
+    step (drawn with the guide detached and split over the particles), as the reference code
+    trains it on a batch of pairs each step.
 
     Each particle's own mixing draw ``eps`` takes one of the ``k`` importance slots (for the
     prior proposal the SIVI bound of Yin & Zhou 2018, for the flow the importance-weighted
@@ -89,7 +91,9 @@ class SIVI_ELBO(Trace_ELBO):
                 "Use Trace_ELBO for other guides."
             )
         return guide.score_options(
-            num_importance_samples=self.num_importance_samples, proposal=self.proposal
+            num_importance_samples=self.num_importance_samples,
+            proposal=self.proposal,
+            num_particles=self.num_particles,
         )
 
     def loss(self, model, guide, *args, **kwargs) -> float:

@@ -80,6 +80,11 @@ class AutoSIVI(AutoContinuous):
             an affine MAF when ``m = 1``, where a coupling has no second half).
         proposal_hidden_dims: Hidden widths of its coupling networks.
         num_importance_samples: ``k`` used by ``log_prob`` (and by the ELBO unless it overrides).
+        proposal_batch_size: Fresh pairs ``eps ~ N(0, I_m)``, ``z ~ q(z | eps)`` (guide
+            detached) on which the flow proposal takes its forward-KL step, per SVI step (split
+            over the particles by :class:`SIVI_ELBO`; per draw under a plain ``Trace_ELBO``).
+            With only the particles' own pairs the proposal barely learns and AISIVI trains
+            like BSIVI. Cost: one proposal pass per pair, no graph to the guide.
         chunk_size: Importance draws held in memory at once (default 128; ``None`` = all ``k``):
             peak memory is flat in ``k`` beyond it.
         init_loc_fn: Per-site initialization, as in ``AutoContinuous``.
@@ -95,8 +100,9 @@ class AutoSIVI(AutoContinuous):
         no autograd graph, memory ``O(chunk_size * D)`` per point.
 
     Raises:
-        ValueError: If ``mixing_dim``, ``num_importance_samples``, ``num_proposal_transforms``
-            or ``chunk_size`` is < 1, ``init_scale <= 0`` or ``proposal`` is unknown.
+        ValueError: If ``mixing_dim``, ``num_importance_samples``, ``num_proposal_transforms``,
+            ``proposal_batch_size`` or ``chunk_size`` is < 1, ``init_scale <= 0`` or
+            ``proposal`` is unknown.
         NotImplementedError: If the model has a discrete latent site (the message names it).
 
     References:
@@ -115,6 +121,7 @@ class AutoSIVI(AutoContinuous):
         num_proposal_transforms: int = 4,
         proposal_hidden_dims: Sequence[int] = (64, 64),
         num_importance_samples: int = 64,
+        proposal_batch_size: int = 128,
         chunk_size: int | None = 128,
         init_loc_fn=init_to_median,
         init_scale: float = 0.1,
@@ -123,6 +130,7 @@ class AutoSIVI(AutoContinuous):
             _check_positive_int("mixing_dim", mixing_dim)
         _check_positive_int("num_importance_samples", num_importance_samples)
         _check_positive_int("num_proposal_transforms", num_proposal_transforms)
+        _check_positive_int("proposal_batch_size", proposal_batch_size)
         if chunk_size is not None:
             _check_positive_int("chunk_size", chunk_size)
         if proposal not in PROPOSALS:
@@ -136,6 +144,7 @@ class AutoSIVI(AutoContinuous):
         self.num_proposal_transforms = num_proposal_transforms
         self.proposal_hidden_dims = tuple(int(h) for h in proposal_hidden_dims)
         self.num_importance_samples = num_importance_samples
+        self.proposal_batch_size = proposal_batch_size
         self.chunk_size = chunk_size
         self._init_scale = init_scale
         self._score_override: dict = {}
@@ -164,12 +173,18 @@ class AutoSIVI(AutoContinuous):
 
     @contextlib.contextmanager
     def score_options(
-        self, *, num_importance_samples: int | None = None, proposal: str | None = None
+        self,
+        *,
+        num_importance_samples: int | None = None,
+        proposal: str | None = None,
+        num_particles: int | None = None,
     ) -> Iterator[None]:
         """Temporarily override ``k`` and the proposal used by :meth:`get_posterior`.
 
         ``proposal="prior"`` on a flow guide scores with the prior (the flow is neither used nor
         trained); ``proposal="flow"`` on a ``"prior"`` guide raises ``ValueError``.
+        ``num_particles`` (set by :class:`SIVI_ELBO`) splits the ``proposal_batch_size``
+        fresh proposal-training pairs of a step over the particles.
         """
         if proposal is not None and proposal not in PROPOSALS:
             raise ValueError(f"proposal must be one of {PROPOSALS}; got {proposal!r}")
@@ -180,15 +195,23 @@ class AutoSIVI(AutoContinuous):
             )
         if num_importance_samples is not None:
             _check_positive_int("num_importance_samples", num_importance_samples)
+        if num_particles is not None:
+            _check_positive_int("num_particles", num_particles)
         previous = self._score_override
         self._score_override = {
             "num_importance_samples": num_importance_samples,
             "proposal": proposal,
+            "num_particles": num_particles,
         }
         try:
             yield
         finally:
             self._score_override = previous
+
+    def _pairs_per_draw(self) -> int:
+        """Fresh proposal-training pairs per guide draw: ``proposal_batch_size`` per step."""
+        num_particles = self._score_override.get("num_particles") or 1
+        return -(-self.proposal_batch_size // num_particles)
 
     def get_posterior(self, *args, **kwargs) -> SemiImplicitNormal:
         """The semi-implicit distribution over the flat unconstrained latent ``(D,)``."""
@@ -204,6 +227,7 @@ class AutoSIVI(AutoContinuous):
             latent_dim=self.latent_dim,
             num_importance_samples=k,
             chunk_size=self.chunk_size,
+            proposal_batch_size=self._pairs_per_draw() if proposal == "flow" else 0,
             prototype=generator.loc,
         )
 

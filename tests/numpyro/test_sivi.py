@@ -12,6 +12,7 @@ from numpyro import handlers, optim
 from numpyro.infer import SVI, Predictive, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
+from numpyro_mixvi._sivi import output_multiplier
 from numpyro_mixvi.elbos.sivi import SIVI_ELBO
 from numpyro_mixvi.guides.sivi import AutoSIVI
 
@@ -90,14 +91,15 @@ def gaussian_setup():
     params = {k: v["value"] for k, v in params.items() if v["type"] == "param"}
     key_w, key_b = jax.random.split(jax.random.key(2))
     dtype = params["auto_loc"].dtype
-    # generator_apply divides the last layer's output by its fan_in (2 here).
-    params["auto_net"] = [(2 * jax.random.normal(key_w, (2, 2), dtype), jnp.zeros(2, dtype))]
+    # generator_apply scales the last layer's output by output_multiplier(fan_in = 2).
+    weight = jax.random.normal(key_w, (2, 2), dtype) / output_multiplier(2)
+    params["auto_net"] = [(weight, jnp.zeros(2, dtype))]
     params["auto_loc"] = jax.random.normal(key_b, (2,), dtype)
     return model, guide, params, dist.MultivariateNormal(target_loc, target_cov)
 
 
 def exact_neg_elbo(params, target):
-    weight, bias = (value / 2 for value in params["auto_net"][0])
+    weight, bias = (value * output_multiplier(2) for value in params["auto_net"][0])
     sigma = jax.nn.softplus(params["auto_raw_scale"])
     cov = weight.T @ weight + jnp.diag(sigma**2)
     q = dist.MultivariateNormal(params["auto_loc"] + bias, cov)

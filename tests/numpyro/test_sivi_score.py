@@ -21,6 +21,7 @@ from numpyro_mixvi._sivi import (
     generator_apply,
     generator_init,
     importance_score,
+    output_multiplier,
 )
 
 
@@ -30,8 +31,9 @@ def affine_generator(mixing_dim, latent_dim, *, gain, sigma, seed=1):
     params = generator_init(key_a, mixing_dim, jnp.zeros(latent_dim, dtype), (), init_scale=sigma)
     weight = gain * jax.random.normal(key_a, (mixing_dim, latent_dim), dtype)
     loc = jax.random.normal(key_b, (latent_dim,), dtype)
-    # generator_apply divides the last layer's output by its fan_in (mixing_dim here).
-    params = {**params, "loc": loc, "net": [(weight * mixing_dim, jnp.zeros(latent_dim, dtype))]}
+    # generator_apply scales the last layer's output by output_multiplier(fan_in = mixing_dim).
+    raw_weight = weight / output_multiplier(mixing_dim)
+    params = {**params, "loc": loc, "net": [(raw_weight, jnp.zeros(latent_dim, dtype))]}
     cov = weight.T @ weight + sigma**2 * jnp.eye(latent_dim, dtype=dtype)
     return params, loc, cov
 
