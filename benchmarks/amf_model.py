@@ -267,9 +267,9 @@ def run(*, quick: bool = False, seeds=(0, 1), output_dir=None, targets=PAPER_TAR
     if backend not in ("pyro", "numpyro"):
         raise ValueError(f"backend must be 'pyro' or 'numpyro'; got {backend!r}")
     one_run = _pyro_run if backend == "pyro" else _numpyro_run
-    cfg = {"steps": 800, "layers": 5, "lr": 1e-2, "particles": 8, "rbig_draws": 4096,
-           "ema_steps": 50, "weight_batch": 512, "joint_steps": 200, "n_metric": 4000,
-           "spread": 1.0}
+    cfg = {"steps": 400, "layers": 3, "lr": 1e-2, "particles": 8, "rbig_draws": 2048,
+           "ema_steps": 50, "weight_batch": 512, "joint_steps": 100, "n_metric": 4000,
+           "spread": 1.0}  # the slow test's budget; 800 steps x 5 layers took 4 min per target
     if quick:
         cfg.update(steps=60, layers=2, rbig_draws=1024, ema_steps=10, weight_batch=256,
                    joint_steps=10, n_metric=300)
@@ -298,8 +298,8 @@ if __name__ == "__main__":
     parser.add_argument("--backend", choices=["pyro", "numpyro"], default="pyro")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--targets", nargs="+", default=list(PAPER_TARGETS))
-    parser.add_argument("--steps", type=int, help="stage-1 Adam steps per expert (default 800)")
-    parser.add_argument("--joint-steps", type=int, help="stage-3 steps (default 200)")
+    parser.add_argument("--steps", type=int, help="stage-1 Adam steps per expert (default 400)")
+    parser.add_argument("--joint-steps", type=int, help="stage-3 steps (default 100)")
     parser.add_argument("--output-dir", help="where to write amf_model.json/.md")
     args = parser.parse_args()
     if args.backend == "pyro":

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+from flowjax.bijections import Affine
 from flowjax.distributions import Normal
+from paramax import Parameterize
 
 
 def mlp_shape(hidden_dims: Sequence[int]) -> dict[str, int]:
@@ -30,3 +33,25 @@ def typed_key(rng_key: jax.Array) -> jax.Array:
     if jnp.issubdtype(rng_key.dtype, jax.dtypes.prng_key):
         return rng_key
     return jax.random.wrap_key_data(rng_key)
+
+
+def bounded_affine(max_log_scale: float | None) -> Affine:
+    """flowjax's ``Affine`` transformer, its scale ``exp(a / (1 + |a| / bound))`` if bounded.
+
+    At ``a = 0`` the scale is 1 (the identity, which flowjax's zero conditioner output gives);
+    ``|log-scale| < max_log_scale`` everywhere (zuko's soft clamp, so both backends bound alike).
+
+    Raises:
+        ValueError: If ``max_log_scale`` is not positive.
+    """
+    if max_log_scale is None:
+        return Affine()
+    if not max_log_scale > 0:
+        raise ValueError(f"max_log_scale must be > 0 or None; got {max_log_scale}")
+    raw = jnp.zeros((), dtype=jnp.result_type(float))
+    return eqx.tree_at(lambda affine: affine.scale, Affine(),
+                       Parameterize(_soft_clamped_exp, raw, float(max_log_scale)))
+
+
+def _soft_clamped_exp(raw: jax.Array, bound: float) -> jax.Array:
+    return jnp.exp(raw / (1 + jnp.abs(raw) / bound))

@@ -10,7 +10,7 @@ from jax import Array
 
 from mixvi._checks import check_flow_args
 
-from ._flowjax import mlp_shape, standard_normal
+from ._flowjax import bounded_affine, mlp_shape, standard_normal
 
 
 def MAF(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow classes
@@ -20,6 +20,7 @@ def MAF(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow classe
     context_dim: int = 0,
     num_transforms: int = 5,
     hidden_dims: Sequence[int] = (64, 64),
+    max_log_scale: float | None = None,
 ) -> Transformed:
     r"""Build a (conditional) masked autoregressive flow over ``R^input_dim``.
 
@@ -45,6 +46,11 @@ def MAF(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow classe
         num_transforms: Number of autoregressive layers; at least 1.
         hidden_dims: Widths of the MADE hidden layers; one repeated width (flowjax MLPs have
             a single ``nn_width``).
+        max_log_scale: Soft bound on each layer's ``|log-scale|``: the transformer's scale is
+            ``exp(a / (1 + |a| / bound))`` of the network output ``a`` (zuko's clamp, as the
+            Pyro twin); None keeps flowjax's ``Affine`` (softplus scale, unbounded above). A
+            tight bound (2) keeps the flow's tails from exploding where a variational fit
+            pushes a scale to the extreme (eight schools' funnel neck).
 
     Returns:
         A flowjax ``Transformed`` distribution (an equinox module) with ``log_prob``, ``sample``
@@ -73,6 +79,7 @@ def MAF(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow classe
     return masked_autoregressive_flow(
         rng_key,
         base_dist=standard_normal(int(input_dim)),
+        transformer=bounded_affine(max_log_scale),
         cond_dim=int(context_dim) or None,
         flow_layers=int(num_transforms),
         invert=True,

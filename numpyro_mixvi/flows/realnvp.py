@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flowjax.bijections import Affine
 from flowjax.distributions import Transformed
 from flowjax.flows import coupling_flow
 from jax import Array
 
 from mixvi._checks import check_flow_args
 
-from ._flowjax import mlp_shape, standard_normal
+from ._flowjax import bounded_affine, mlp_shape, standard_normal
 
 
 def RealNVP(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow classes
@@ -21,6 +20,7 @@ def RealNVP(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow cl
     context_dim: int = 0,
     num_transforms: int = 5,
     hidden_dims: Sequence[int] = (64, 64),
+    max_log_scale: float | None = None,
 ) -> Transformed:
     r"""Build a (conditional) RealNVP flow over ``R^input_dim``.
 
@@ -46,6 +46,11 @@ def RealNVP(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow cl
         num_transforms: Number of coupling layers; at least 1.
         hidden_dims: Widths of the coupling MLPs; one repeated width (flowjax MLPs have a single
             ``nn_width``).
+        max_log_scale: Soft bound on each layer's ``|log-scale|``: the transformer's scale is
+            ``exp(a / (1 + |a| / bound))`` of the network output ``a`` (zuko's clamp, as the
+            Pyro twin); None keeps flowjax's ``Affine`` (softplus scale, unbounded above). A
+            tight bound (2) keeps the flow's tails from exploding where a variational fit
+            pushes a scale to the extreme (eight schools' funnel neck).
 
     Returns:
         A flowjax ``Transformed`` distribution (an equinox module) with ``log_prob``, ``sample``
@@ -71,7 +76,7 @@ def RealNVP(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow cl
     return coupling_flow(
         rng_key,
         base_dist=standard_normal(int(input_dim)),
-        transformer=Affine(),
+        transformer=bounded_affine(max_log_scale),
         cond_dim=int(context_dim) or None,
         flow_layers=int(num_transforms),
         **mlp_shape(hidden),

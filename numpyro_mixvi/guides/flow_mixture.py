@@ -59,6 +59,9 @@ __all__ = ["AutoFlowMixture", "FitResult"]
 
 _FACTORIES = {"maf": MAF, "realnvp": RealNVP}
 _LOG_P_CHUNK = 1024
+#: Default ``max_log_scale`` of the parametric experts' layers (soft bound on ``|log-scale|``;
+#: the Pyro twin's measurement on centered eight schools).
+EXPERT_MAX_LOG_SCALE = 2.0
 _RBIG_OPTIONS = ("max_layers", "tol", "patience", "rotation", "num_knots", "bandwidth_factor")
 
 
@@ -113,7 +116,8 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
             ``{prefix}_weights`` (on the simplex).
         expert_kwargs: Per-name keyword arguments, e.g. ``{"maf": {"num_transforms": 3,
             "hidden_dims": (32, 32)}, "rbig": {"max_layers": 20}}``: ``MAF``/``RealNVP``
-            keywords, and for ``"rbig"`` any of ``max_layers``, ``tol``, ``patience``,
+            keywords (``max_log_scale`` defaults to :data:`EXPERT_MAX_LOG_SCALE` here), and
+            for ``"rbig"`` any of ``max_layers``, ``tol``, ``patience``,
             ``rotation``, ``num_knots``, ``bandwidth_factor``. Names not in ``experts`` are
             ignored.
         init_loc_fn: Per-site initialization, as in ``AutoMultivariateNormal``.
@@ -202,7 +206,7 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
     def _build_expert(self, k: int, rng_key: Array) -> Transformed:
         """Expert ``k``: flow ``f_k`` over ``R^D`` then ``x = init_loc + init_scale * f_k(y)``."""
         name = self.experts[k]
-        options = self.expert_kwargs.get(name, {})
+        options = {"max_log_scale": EXPERT_MAX_LOG_SCALE, **self.expert_kwargs.get(name, {})}
         flow = _zero_last_layers(_FACTORIES[name](typed_key(rng_key), self.latent_dim,
                                                   **options))
         loc = self._init_latent

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import zuko
 
 from mixvi._checks import check_flow_args
+from pyro_mixvi.flows._bounded import bounded_affine
 
 
 def RealNVP(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow classes
@@ -15,6 +16,7 @@ def RealNVP(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow cl
     context_dim: int = 0,
     num_transforms: int = 5,
     hidden_dims: Sequence[int] = (64, 64),
+    max_log_scale: float | None = None,
 ) -> zuko.flows.Flow:
     r"""Build a (conditional) RealNVP flow over ``R^input_dim``.
 
@@ -38,6 +40,10 @@ def RealNVP(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow cl
         context_dim: Dimension of the conditioning variable; 0 for an unconditional flow.
         num_transforms: Number of coupling layers; at least 1.
         hidden_dims: Widths of the coupling MLPs' hidden layers.
+        max_log_scale: Soft bound on each layer's ``|log-scale|`` (``a / (1 + |a| / bound)``
+            of the network output ``a``, zuko's clamp); None keeps zuko's default bound
+            ``log(1000) = 6.9``. A tight bound (2) keeps the flow's tails from exploding where
+            a variational fit pushes a scale to the clamp (eight schools' funnel neck).
 
     Returns:
         A :class:`zuko.flows.Flow` (an ``nn.Module``); calling it with the context returns a
@@ -60,5 +66,6 @@ def RealNVP(  # noqa: N802 - the paper's acronym, as zuko and Pyro spell flow cl
     """
     hidden = check_flow_args(input_dim, context_dim, num_transforms, hidden_dims, min_input_dim=2)
     return zuko.flows.RealNVP(
-        int(input_dim), int(context_dim), transforms=int(num_transforms), hidden_features=hidden
+        int(input_dim), int(context_dim), transforms=int(num_transforms), hidden_features=hidden,
+        **bounded_affine(max_log_scale),
     )

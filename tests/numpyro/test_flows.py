@@ -135,6 +135,20 @@ def test_fit_beats_gaussian_in_4d(factory, x64):
     assert math.isfinite(nll_flow) and nll_flow < nll_gauss - 0.2, (nll_flow, nll_gauss)
 
 
+@pytest.mark.parametrize("factory", [MAF, RealNVP], ids=["MAF", "RealNVP"])
+def test_max_log_scale_bounds_every_layer(factory):
+    """Huge conditioner outputs: each of the 3 layers scales each of the 4 coordinates by at
+    most e^0.5, so |log det| < 3 * 4 * 0.5 = 6 everywhere; the unbounded flow exceeds it."""
+    x = 3 * jax.random.normal(jax.random.key(0), (500, 4))
+    log_dets = []
+    for bound in (0.5, None):
+        flow = factory(jax.random.key(1), 4, num_transforms=3, hidden_dims=(16,),
+                       max_log_scale=bound)
+        bijection = paramax.unwrap(_perturb(flow, jax.random.key(2), 30.0)).bijection
+        log_dets.append(float(jnp.abs(jax.vmap(bijection.inverse_and_log_det)(x)[1]).max()))
+    assert log_dets[0] < 6 < log_dets[1], log_dets
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

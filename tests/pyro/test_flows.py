@@ -14,6 +14,8 @@ FLOWS = {
     "MAF (D=4, context)": (MAF, 4, 3),
     "RealNVP (D=5)": (RealNVP, 5, 0),
     "RealNVP (D=3, context)": (RealNVP, 3, 2),
+    "MAF (D=3, max_log_scale=1)": (lambda *a, **k: MAF(*a, max_log_scale=1.0, **k), 3, 0),
+    "RealNVP (D=4, max_log_scale=1)": (lambda *a, **k: RealNVP(*a, max_log_scale=1.0, **k), 4, 0),
 }
 
 
@@ -110,6 +112,23 @@ def test_fit_beats_gaussian_in_4d(factory, dtype):
     # Gaussian NLL here is ~5.6 nats vs the true entropy ~4.9; the MC sd of a 2000-point mean NLL
     # is ~0.02, so a 0.2-nat margin is ~10 standard errors.
     assert math.isfinite(nll_flow) and nll_flow < nll_gauss - 0.2, (nll_flow, nll_gauss)
+
+
+@pytest.mark.parametrize("factory", [MAF, RealNVP], ids=["MAF", "RealNVP"])
+def test_max_log_scale_bounds_every_layer(factory):
+    """Huge conditioner outputs: each of the 3 layers scales each of the 4 coordinates by at
+    most e^0.5, so |log det| < 3 * 4 * 0.5 = 6 everywhere; the unbounded flow exceeds it."""
+    torch.manual_seed(0)
+    x = 3 * torch.randn(500, 4)
+    log_dets = []
+    for bound in (0.5, None):
+        torch.manual_seed(1)
+        flow = factory(4, num_transforms=3, hidden_dims=(16,), max_log_scale=bound)
+        with torch.no_grad():
+            for p in flow.parameters():
+                p.add_(30 * torch.randn_like(p))
+            log_dets.append(flow().transform.call_and_ladj(x)[1].abs().max())
+    assert log_dets[0] < 6 < log_dets[1], log_dets
 
 
 @pytest.mark.parametrize(
