@@ -33,13 +33,13 @@ NAME = "cwm_euler"
 ALPHA = 0.01
 PAPER = {"CWM": 0.221, "RealNVP": 0.133, "NSF": 0.182, "ceiling": 0.2245}
 BUDGETS = {
-    # quick: minutes on a shared core. Default: about 25 min wall for all three fits on this
-    # 2-core machine shared with other jobs (at 3000 steps it took 10.6 min: CWM 313 s, NSF
-    # 237 s, RealNVP 80 s). K = 50 as in the paper, but a [64] * 2 classifier: the paper's
-    # [128] * 3 costs 4x more per step (a CWM step evaluates the classifier at K points per
-    # draw). Short runs (5e4 draws, K = 50): 600 -> 1800 steps raised CWM from 0.177 to 0.188,
-    # while [128] * 2 instead of [64] * 2 (K = 20) gained 0.0014 and a cosine learning-rate
-    # decay 0.0009, so the step budget is what limits CWM here.
+    # quick: minutes on a shared core. Default: 31 min wall for all three fits on this 2-core
+    # machine shared with other jobs at load 4-7 (CWM 866 s, NSF 791 s, RealNVP 202 s; at 3000
+    # steps CWM scored 0.183 and NSF 0.186, at 7000 0.189 both). K = 50 as in the paper, but
+    # a [64] * 2 classifier: the paper's [128] * 3 costs 4x more per step (a CWM step
+    # evaluates the classifier at K points per draw). Short runs (5e4 draws, K = 50): 600 ->
+    # 1800 steps raised CWM from 0.177 to 0.188, while [128] * 2 instead of [64] * 2 (K = 20)
+    # gained 0.0014 and a cosine learning-rate decay 0.0009: the step budget limits CWM here.
     True: {"num_train": 50_000, "num_test": 20_000, "num_steps": 600, "batch_size": 1024,
            "num_components": 20, "hidden_dims": (64, 64), "flow_hidden": 64},
     False: {"num_train": 200_000, "num_test": 50_000, "num_steps": 7000, "batch_size": 1024,

@@ -56,7 +56,13 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
         hidden_dims: Hidden widths of the Tanh MLP classifier; ``()`` gives a linear
             classifier and ``None`` constant weights.
         covariance: ``"diag"`` (diagonal component scales) or ``"full"`` (lower-triangular).
-        init_loc_fn: Per-site initialization, as in ``AutoMultivariateNormal``.
+        init_loc_fn: Per-site initialization, as in ``AutoMultivariateNormal``. The hosts'
+            default ``init_to_median`` differs on a multivariate site: Pyro falls back to the
+            origin (``init_to_feasible``), NumPyro takes coordinate-wise medians of 15 prior
+            draws, which on a multimodal site can lie inside one mode, and then all ``K``
+            components start in its basin (``eight_modes``, K = 4, 5 seeds: NumPyro's
+            default covered 1-2 of the 8 modes, the origin start 4). Pass
+            ``init_to_feasible`` for the same start in both backends.
         init_scale: Initial scale of every component and spread of their locations; positive.
             The default 0.3 (wider than AutoNormal's 0.1) lets each component reach a
             different mode: with 0.1 all K start nearly on top of each other and on an
