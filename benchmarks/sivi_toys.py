@@ -50,7 +50,8 @@ def _make(name: str, model, k: int, num_particles: int):
     if name in ("AISIVI", "BSIVI"):
         proposal = "flow" if name == "AISIVI" else "prior"
         guide = AutoSIVI(model, mixing_dim=2, hidden_dims=(128, 128), proposal=proposal,
-                         num_importance_samples=k, init_scale=0.5)
+                         num_importance_samples=k, init_scale=0.5,
+                         init_mixing_fraction=0.5)
         return guide, SIVI_ELBO(num_particles=num_particles, vectorize_particles=True)
     guide_class = AutoNormal if name == "AutoNormal" else AutoMultivariateNormal
     return guide_class(model), Trace_ELBO(num_particles=num_particles, vectorize_particles=True)

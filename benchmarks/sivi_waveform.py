@@ -44,14 +44,15 @@ BUDGET = waveform.BUDGET
 QUICK_BUDGET = waveform.QUICK_BUDGET
 
 
-def register(backend: str, *, k: int = 128, k_eval: int = 1024) -> list[str]:
+def register(backend: str, *, k: int = 128, k_eval: int = 1024,
+             init_mixing_fraction: float = 0.0) -> list[str]:
     """Register ``AISIVI`` and ``BSIVI`` for ``backend``; returns their names."""
     names = []
     for name, proposal in (("AISIVI", "flow"), ("BSIVI", "prior")):
         register_guide(
             name, backend, f"{backend}_mixvi:AutoSIVI", elbo=f"{backend}_mixvi:SIVI_ELBO",
             elbo_options={"num_importance_samples": k}, mixing_dim=10, proposal=proposal,
-            num_importance_samples=k_eval,
+            num_importance_samples=k_eval, init_mixing_fraction=init_mixing_fraction,
         )  # fmt: skip
         names.append(name)
     return names
@@ -60,23 +61,23 @@ def register(backend: str, *, k: int = 128, k_eval: int = 1024) -> list[str]:
 def run(*, quick: bool = False, seeds: Sequence[int] | None = None,
         output_dir: str | os.PathLike | None = None, backend: str = "pyro",
         guides: Sequence[str] | None = None, budget: Budget | None = None,
-        k: int = 128) -> dict[str, Any]:
+        k: int = 128, init_mixing_fraction: float = 0.0) -> dict[str, Any]:
     """SIVI and baselines on WAVEFORM; see the module docstring."""
-    names = register(backend, k=k)
+    names = register(backend, k=k, init_mixing_fraction=init_mixing_fraction)
     out = Path(output_dir) if output_dir else RESULTS / ("quick" if quick else "") / "sivi_waveform"
     return waveform.run(
         quick=quick, seeds=seeds, output_dir=out, backend=backend,
         guides=list(guides) if guides else [*names, *BASELINES],
         budget=budget or (QUICK_BUDGET if quick else BUDGET), progress_bar=False,
         command=f"python -m benchmarks.sivi_waveform{' --quick' if quick else ''} "
-        f"--backend {backend} --k {k}",
+        f"--backend {backend} --k {k} --init-mixing-fraction {init_mixing_fraction:g}",
     )  # fmt: skip
 
 
 def time_to_accuracy(*, k: int = 128, num_particles: int = 8, learning_rate: float = 1e-2,
                      decay_steps: int = 6000, eval_every: int = 250, num_draws: int = 2000,
                      max_cpu_seconds: float = 600.0, max_wall_seconds: float = math.inf,
-                     seed: int = 0,
+                     seed: int = 0, init_mixing_fraction: float = 0.0,
                      output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """CPU time until AISIVI (Pyro) reaches NUTS-level accuracy on WAVEFORM, or how far it gets.
 
@@ -99,12 +100,14 @@ def time_to_accuracy(*, k: int = 128, num_particles: int = 8, learning_rate: flo
     args, _ = _pyro.blr_args(wave["X_train"], wave["y_train"])
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    guide = AutoSIVI(_pyro.blr_model, mixing_dim=10, proposal="flow", num_importance_samples=k)
+    guide = AutoSIVI(_pyro.blr_model, mixing_dim=10, proposal="flow", num_importance_samples=k,
+                     init_mixing_fraction=init_mixing_fraction)
     optim = ClippedAdam({"lr": learning_rate, "lrd": 0.1 ** (1 / decay_steps), "clip_norm": 100.0})
     svi = SVI(_pyro.blr_model, guide, optim,
               SIVI_ELBO(num_particles=num_particles, vectorize_particles=True))
     meta = report.metadata("python -m benchmarks.sivi_waveform --time-to-accuracy "
-                           f"--k {k} --max-cpu-seconds {max_cpu_seconds:g}")
+                           f"--k {k} --max-cpu-seconds {max_cpu_seconds:g} "
+                           f"--init-mixing-fraction {init_mixing_fraction:g}")
     checkpoints, cpu, wall, step, reached = [], 0.0, 0.0, 0, None
     while cpu < max_cpu_seconds and wall < max_wall_seconds and reached is None:
         cpu_start, wall_start = time.process_time(), time.perf_counter()
@@ -164,10 +167,12 @@ if __name__ == "__main__":
     parser.add_argument("--time-to-accuracy", action="store_true")
     parser.add_argument("--max-cpu-seconds", type=float, default=600.0)
     parser.add_argument("--max-wall-seconds", type=float, default=math.inf)
+    parser.add_argument("--init-mixing-fraction", type=float, default=0.0)
     args = parser.parse_args()
     if args.time_to_accuracy:
         result = time_to_accuracy(k=args.k, max_cpu_seconds=args.max_cpu_seconds,
                                   max_wall_seconds=args.max_wall_seconds,
+                                  init_mixing_fraction=args.init_mixing_fraction,
                                   output_dir=args.output_dir)
         print(json.dumps({"reached": result["reached"], "last": result["checkpoints"][-1]}))
         raise SystemExit(0)
@@ -176,5 +181,6 @@ if __name__ == "__main__":
         ("num_steps", args.steps), ("num_particles", args.particles),
         ("learning_rate", args.lr)) if value is not None})  # fmt: skip
     result = run(quick=args.quick, seeds=args.seeds, output_dir=args.output_dir,
-                 backend=args.backend, guides=args.guides, budget=budget, k=args.k)
+                 backend=args.backend, guides=args.guides, budget=budget, k=args.k,
+                 init_mixing_fraction=args.init_mixing_fraction)
     print(json.dumps(result["summary"], indent=1, default=str))

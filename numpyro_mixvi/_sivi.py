@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 
+SPREAD_INIT_DRAWS = 4096
+
+
 def _inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
@@ -52,12 +55,18 @@ def generator_init(
     *,
     init_scale: float,
     conditional_scale: bool = False,
+    init_mixing_fraction: float = 0.0,
 ) -> dict[str, Any]:
-    """Parameters of ``q(z | eps) = N(mu(eps), sigma(eps)^2)``; ``q = N(init_loc, init_scale^2)``.
+    """Parameters of ``q(z | eps) = N(mu(eps), sigma(eps)^2)``; ``q`` starts with mean
+    ``init_loc`` and per-coordinate variance ``init_scale^2``.
 
-    ``mu(eps) = loc + MLP(eps) * m`` (ReLU, zero-initialized last layer, torch-style
-    uniform fan-in init elsewhere); ``sigma = softplus(raw_scale [+ MLP_scale(eps) * m])``, with
-    ``m = output_multiplier(fan_in)`` of the last layer (see :func:`output_multiplier`).
+    ``mu(eps) = loc + MLP(eps) * m`` (ReLU, torch-style uniform fan-in init of the hidden
+    layers); ``sigma = softplus(raw_scale [+ MLP_scale(eps) * m])``, with
+    ``m = output_multiplier(fan_in)`` of the last layer (see :func:`output_multiplier`). The
+    share ``init_mixing_fraction`` of the initial variance is the spread of ``mu(eps)`` (random
+    ``mu`` rows of the last layer, rescaled on ``SPREAD_INIT_DRAWS`` draws of ``eps``), the rest
+    ``sigma^2``; with 0 the last layer is zero and ``q = N(init_loc, init_scale^2)``, a saddle
+    the network leaves only by noise (see ``pyro_mixvi._sivi.ConditionalNormalGenerator``).
     """
     latent_dim = init_loc.shape[-1]
     dtype = init_loc.dtype
@@ -74,12 +83,32 @@ def generator_init(
             )
         )
     out_dim = latent_dim * (2 if conditional_scale else 1)
-    layers.append((jnp.zeros((widths[-1], out_dim), dtype), jnp.zeros((out_dim,), dtype)))
+    weight = jnp.zeros((widths[-1], out_dim), dtype)
+    bias = jnp.zeros((out_dim,), dtype)
+    fraction = init_mixing_fraction if hidden_dims else 0.0
+    if fraction > 0:
+        w_key, e_key = jax.random.split(jax.random.fold_in(rng_key, len(widths)))
+        mu_weight = jax.random.normal(w_key, (widths[-1], latent_dim), dtype)
+        eps = jax.random.normal(e_key, (SPREAD_INIT_DRAWS, mixing_dim), dtype)
+        hidden = _hidden_features(layers, eps)
+        raw_sd = (hidden @ mu_weight).std(0, ddof=1) * output_multiplier(widths[-1])
+        mu_weight = mu_weight * (init_scale * math.sqrt(fraction) / raw_sd)
+        weight = weight.at[:, :latent_dim].set(mu_weight)
+        bias = bias.at[:latent_dim].set(-(hidden @ mu_weight).mean(0))
+    layers.append((weight, bias))
+    sigma = init_scale * math.sqrt(1 - fraction)
     return {
         "loc": jnp.asarray(init_loc),
-        "raw_scale": jnp.full((latent_dim,), _inverse_softplus(init_scale), dtype),
+        "raw_scale": jnp.full((latent_dim,), _inverse_softplus(sigma), dtype),
         "net": layers,
     }
+
+
+def _hidden_features(layers, eps):
+    hidden = eps
+    for weight, bias in layers:
+        hidden = jax.nn.relu(hidden @ weight + bias)
+    return hidden
 
 
 def output_multiplier(fan_in: int) -> float:
@@ -87,19 +116,14 @@ def output_multiplier(fan_in: int) -> float:
 
     With Adam every last-layer weight moves by about ``lr`` per step, so the output moves by
     ``O(lr * fan_in * multiplier)``: ``1 / fan_in`` keeps that at ``O(lr)``, as ``loc`` moves
-    (without it SVI diverges on centered eight schools at lr 1e-2 to 3e-2). It also slows the
-    mixing network down (banana ELBO -0.70 after 600 steps, a Gaussian's; -0.27 with
-    ``1 / sqrt(fan_in)``, which diverged on eight schools at lr 3e-2, seed 2): see
-    ``benchmarks/results/sivi.md``.
+    (measurements in ``pyro_mixvi._sivi.output_multiplier``).
     """
     return 1.0 / fan_in
 
 
 def generator_apply(params: dict[str, Any], eps: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``eps (..., m) -> (loc (..., D), scale (..., D))``."""
-    hidden = eps
-    for weight, bias in params["net"][:-1]:
-        hidden = jax.nn.relu(hidden @ weight + bias)
+    hidden = _hidden_features(params["net"][:-1], eps)
     weight, bias = params["net"][-1]
     out = (hidden @ weight + bias) * output_multiplier(weight.shape[0])
     latent_dim = params["loc"].shape[-1]

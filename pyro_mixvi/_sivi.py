@@ -54,15 +54,18 @@ def _inverse_softplus(value: float) -> float:
     return value + math.log(-math.expm1(-value))
 
 
+SPREAD_INIT_DRAWS = 4096
+
+
 def output_multiplier(fan_in: int) -> float:
     """Factor on the mixing network's output: ``1 / fan_in`` of its last layer.
 
     With Adam every last-layer weight moves by about ``lr`` per step, so the output moves by
     ``O(lr * fan_in * multiplier)``: ``1 / fan_in`` keeps that at ``O(lr)``, as ``loc`` moves
-    (without it SVI diverges on centered eight schools at lr 1e-2 to 3e-2). It also slows the
-    mixing network down (banana ELBO -0.70 after 600 steps, a Gaussian's; -0.27 with
-    ``1 / sqrt(fan_in)``, which diverged on eight schools at lr 3e-2, seed 2): see
-    ``benchmarks/results/sivi.md``.
+    (without it SVI diverges on centered eight schools at lr 1e-2 to 3e-2; ``1 / sqrt(fan_in)``
+    diverged there at lr 3e-2 in one of four runs: a gradient spike moves every weight by
+    ``~30 lr``). The network's slow start on the 2-D toys comes from a zero last layer, not from
+    this factor (see ``init_mixing_fraction`` of :class:`ConditionalNormalGenerator`).
     """
     return 1.0 / fan_in
 
@@ -70,10 +73,15 @@ def output_multiplier(fan_in: int) -> float:
 class ConditionalNormalGenerator(nn.Module):
     r"""The conditional :math:`q(z \mid \epsilon) = \mathcal{N}(\mu(\epsilon), \sigma(\epsilon)^2)`.
 
-    ``mu(eps) = loc + MLP(eps) * c`` with a zero-initialized last layer, so at
-    initialization ``q(z) = N(loc, init_scale^2 I)``; ``sigma = softplus(raw_scale
-    [+ MLP_scale(eps) * c])``, with ``c = output_multiplier(fan_in)`` of the last layer
-    (see :func:`output_multiplier`).
+    ``mu(eps) = loc + MLP(eps) * c`` and ``sigma = softplus(raw_scale [+ MLP_scale(eps) * c])``,
+    with ``c = output_multiplier(fan_in)`` of the last layer (see :func:`output_multiplier`).
+    At initialization ``q`` has mean ``loc`` and per-coordinate variance ``init_scale^2``, of
+    which the fraction ``init_mixing_fraction`` is the spread of ``mu(eps)`` (a random last
+    layer, rescaled on 4096 draws of ``eps``) and the rest ``sigma^2``. With fraction 0 the
+    last layer is zero and ``q = N(loc, init_scale^2 I)``: a saddle of the ELBO (all
+    ``mu(eps)`` equal, ``z`` independent of ``eps``, so every last-layer weight gets the
+    gradient ``E[g] E[h(eps)]`` and they move together); the network leaves it only by noise
+    (banana, 800 steps: ELBO -0.68, a Gaussian's, vs -0.04 from fraction 0.5).
 
     Shapes:
         ``forward(eps)`` maps ``(..., m)`` to ``((..., D), (..., D))``.
@@ -85,6 +93,8 @@ class ConditionalNormalGenerator(nn.Module):
         init_scale: Initial ``sigma``; positive.
         conditional_scale: If true, ``sigma`` depends on ``eps`` too; else it is one global
             diagonal (as in the reference experiments).
+        init_mixing_fraction: In ``[0, 1)``: the share of the initial variance carried by the
+            spread of ``mu(eps)``; ignored without hidden layers (affine ``mu`` starts at 0).
     """
 
     def __init__(
@@ -95,6 +105,7 @@ class ConditionalNormalGenerator(nn.Module):
         *,
         init_scale: float,
         conditional_scale: bool = False,
+        init_mixing_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         latent_dim = init_loc.shape[-1]
@@ -108,10 +119,26 @@ class ConditionalNormalGenerator(nn.Module):
         nn.init.zeros_(out.bias)
         self.net = nn.Sequential(*layers, out).to(dtype=init_loc.dtype, device=init_loc.device)
         self.output_multiplier = output_multiplier(widths[-1])
+        fraction = init_mixing_fraction if hidden_dims else 0.0
+        if fraction > 0:
+            self._init_spread(mixing_dim, latent_dim, init_scale * math.sqrt(fraction))
         self.loc = nn.Parameter(init_loc.detach().clone())
         self.raw_scale = nn.Parameter(
-            torch.full_like(init_loc, _inverse_softplus(init_scale))
+            torch.full_like(init_loc, _inverse_softplus(init_scale * math.sqrt(1 - fraction)))
         )
+
+    @torch.no_grad()
+    def _init_spread(self, mixing_dim: int, latent_dim: int, spread: float) -> None:
+        """Random ``mu`` rows of the last layer, so ``mu(eps) - loc`` has mean 0 and sd ``spread``.
+
+        Uses the global torch RNG, as ``nn.Linear``'s own initialization does.
+        """
+        out = self.net[-1]
+        nn.init.normal_(out.weight[:latent_dim])
+        eps = out.weight.new_empty((SPREAD_INIT_DRAWS, mixing_dim)).normal_()
+        raw_sd = self.net(eps)[:, :latent_dim].std(0) * self.output_multiplier
+        out.weight[:latent_dim] *= (spread / raw_sd).unsqueeze(-1)
+        out.bias[:latent_dim] -= self.net(eps)[:, :latent_dim].mean(0)
 
     def forward(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.net(eps) * self.output_multiplier

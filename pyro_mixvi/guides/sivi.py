@@ -75,6 +75,12 @@ class AutoSIVI(AutoContinuous):
         hidden_dims: Hidden widths of the ReLU network ``mu_phi``; ``()`` makes it affine
             (then ``q`` is exactly Gaussian).
         conditional_scale: Whether ``sigma`` depends on ``eps`` (default: one global diagonal).
+        init_mixing_fraction: Share of the initial variance ``init_scale^2`` carried by the
+            spread of ``mu(eps)`` (random last layer), the rest by ``sigma^2``; in ``[0, 1)``.
+            0 (default) starts at ``N(loc, init_scale^2 I)``, a saddle the network leaves
+            slowly: stable on funnels at lr 3e-2 (centered eight schools). 0.5 learns
+            non-Gaussian shapes fast (banana ELBO -0.04 vs -0.68 after 800 steps) but the
+            eight-schools fit at lr 3e-2 then lost to ``AutoNormal``.
         proposal: ``"flow"`` (AISIVI) or ``"prior"`` (BSIVI).
         num_proposal_transforms: Layers of the conditional RealNVP proposal (``mixvi`` ``flows``;
             an affine MAF when ``m = 1``, where a coupling has no second half).
@@ -101,8 +107,8 @@ class AutoSIVI(AutoContinuous):
 
     Raises:
         ValueError: If ``mixing_dim``, ``num_importance_samples``, ``num_proposal_transforms``,
-            ``proposal_batch_size`` or ``chunk_size`` is < 1, ``init_scale <= 0`` or
-            ``proposal`` is unknown.
+            ``proposal_batch_size`` or ``chunk_size`` is < 1, ``init_scale <= 0``,
+            ``init_mixing_fraction`` is outside ``[0, 1)`` or ``proposal`` is unknown.
         NotImplementedError: If the model has a discrete latent site (the message names it).
 
     References:
@@ -117,6 +123,7 @@ class AutoSIVI(AutoContinuous):
         mixing_dim: int | None = None,
         hidden_dims: Sequence[int] = (128, 128),
         conditional_scale: bool = False,
+        init_mixing_fraction: float = 0.0,
         proposal: Literal["flow", "prior"] = "flow",
         num_proposal_transforms: int = 4,
         proposal_hidden_dims: Sequence[int] = (64, 64),
@@ -137,9 +144,12 @@ class AutoSIVI(AutoContinuous):
             raise ValueError(f"proposal must be one of {PROPOSALS}; got {proposal!r}")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be > 0; got {init_scale}")
+        if not 0 <= init_mixing_fraction < 1:
+            raise ValueError(f"init_mixing_fraction must be in [0, 1); got {init_mixing_fraction}")
         self.mixing_dim = mixing_dim
         self.hidden_dims = tuple(int(h) for h in hidden_dims)
         self.conditional_scale = conditional_scale
+        self.init_mixing_fraction = init_mixing_fraction
         self.proposal = proposal
         self.num_proposal_transforms = num_proposal_transforms
         self.proposal_hidden_dims = tuple(int(h) for h in proposal_hidden_dims)
@@ -161,6 +171,7 @@ class AutoSIVI(AutoContinuous):
             self.hidden_dims,
             init_scale=self._init_scale,
             conditional_scale=self.conditional_scale,
+            init_mixing_fraction=self.init_mixing_fraction,
         )
         if self.proposal == "flow":
             self.proposal_flow = _make_flow_proposal(

@@ -138,6 +138,8 @@ def test_path_gradient_is_unbiased_against_closed_form(x64):
         ({"proposal": "mcmc"}, "proposal must be one of"),
         ({"init_scale": 0.0}, "init_scale must be > 0"),
         ({"chunk_size": 0}, "chunk_size must be an integer >= 1"),
+        ({"proposal_batch_size": 0}, "proposal_batch_size must be an integer >= 1"),
+        ({"init_mixing_fraction": 1.0}, "init_mixing_fraction must be in"),
     ],
 )
 def test_bad_guide_options_raise(kwargs, match):

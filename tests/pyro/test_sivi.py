@@ -163,6 +163,8 @@ def test_prior_override_skips_the_flow(dtype):
         ({"proposal": "mcmc"}, "proposal must be one of"),
         ({"init_scale": 0.0}, "init_scale must be > 0"),
         ({"chunk_size": 0}, "chunk_size must be an integer >= 1"),
+        ({"proposal_batch_size": 0}, "proposal_batch_size must be an integer >= 1"),
+        ({"init_mixing_fraction": 1.0}, "init_mixing_fraction must be in"),
     ],
 )
 def test_bad_guide_options_raise(kwargs, match):
