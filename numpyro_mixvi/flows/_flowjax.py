@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from flowjax.bijections import Affine
-from flowjax.distributions import Normal
+from flowjax.distributions import Normal, Transformed
 from paramax import Parameterize
 
 
@@ -55,3 +55,19 @@ def bounded_affine(max_log_scale: float | None) -> Affine:
 
 def _soft_clamped_exp(raw: jax.Array, bound: float) -> jax.Array:
     return jnp.exp(raw / (1 + jnp.abs(raw) / bound))
+
+
+def zero_last_layers(flow: Transformed) -> Transformed:
+    """Zero the output layer of every conditioner MLP: the flow starts as the identity.
+
+    flowjax builds each layer's transformer from ``initial + conditioner output``, so a zero
+    output layer gives the initial ``Affine(0, 1)`` (Glow-style init, as the Pyro twin zeroes
+    zuko's hyper-networks). A masked layer's mask (boolean) is kept; only its weight and bias
+    are zeroed, so every weight still gets a gradient. Shared by AutoFlowMixture's experts
+    and AutoSIVI's flow proposal.
+    """
+    is_mlp = lambda node: isinstance(node, eqx.nn.MLP)  # noqa: E731
+    last = lambda tree: [m.layers[-1] for m in jax.tree.leaves(tree, is_leaf=is_mlp)  # noqa: E731
+                         if is_mlp(m)]
+    zero = lambda a: jnp.zeros_like(a) if eqx.is_inexact_array(a) else a  # noqa: E731
+    return eqx.tree_at(last, flow, replace=[jax.tree.map(zero, layer) for layer in last(flow)])

@@ -47,7 +47,7 @@ from numpyro_mixvi.distributions.flow_mixture import (
 # guides.base, and the package __init__ files import nothing.
 from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 from numpyro_mixvi.flows import MAF, RBIG, RealNVP, rbig_init, rbig_step
-from numpyro_mixvi.flows._flowjax import typed_key
+from numpyro_mixvi.flows._flowjax import typed_key, zero_last_layers
 from numpyro_mixvi.flows.rbig import marginal_gaussianize
 from numpyro_mixvi.guides.base import (
     SampleSummariesOnly,
@@ -207,7 +207,7 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
         """Expert ``k``: flow ``f_k`` over ``R^D`` then ``x = init_loc + init_scale * f_k(y)``."""
         name = self.experts[k]
         options = {"max_log_scale": EXPERT_MAX_LOG_SCALE, **self.expert_kwargs.get(name, {})}
-        flow = _zero_last_layers(_FACTORIES[name](typed_key(rng_key), self.latent_dim,
+        flow = zero_last_layers(_FACTORIES[name](typed_key(rng_key), self.latent_dim,
                                                   **options))
         loc = self._init_latent
         return Transformed(flow, Affine(loc, jnp.full_like(loc, self._init_scale)))
@@ -586,19 +586,6 @@ def _elbo_optimal_weights(log_target: Array, log_q: Array, num_iters: int = 500,
     return jax.nn.softmax(logits)
 
 
-def _zero_last_layers(flow: Transformed) -> Transformed:
-    """Zero the output layer of every conditioner MLP: the flow starts as the identity.
-
-    flowjax builds each layer's transformer from ``initial + conditioner output``, so a zero
-    output layer gives the initial ``Affine(0, 1)`` (Glow-style init, as the Pyro twin zeroes
-    zuko's hyper-networks). A masked layer's mask (boolean) is kept; only its weight and bias
-    are zeroed, so every weight still gets a gradient.
-    """
-    is_mlp = lambda node: isinstance(node, eqx.nn.MLP)  # noqa: E731
-    last = lambda tree: [m.layers[-1] for m in jax.tree.leaves(tree, is_leaf=is_mlp)  # noqa: E731
-                         if is_mlp(m)]
-    zero = lambda a: jnp.zeros_like(a) if eqx.is_inexact_array(a) else a  # noqa: E731
-    return eqx.tree_at(last, flow, replace=[jax.tree.map(zero, layer) for layer in last(flow)])
 
 
 def _spread_offsets(rng_key: Array, num: int, loc: Array, spread: float) -> Array:

@@ -7,22 +7,17 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Literal
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpyro
-from flowjax.bijections import Affine
-from flowjax.flows import coupling_flow, masked_autoregressive_flow
 from numpyro import handlers
 from numpyro.distributions import biject_to
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
-from paramax import Parameterize
-
-from mixvi._checks import check_flow_args
 
 from .._sivi import SemiImplicitNormal, StandardizedProposal, generator_init
-from ..flows._flowjax import mlp_shape, standard_normal
+from ..flows import MAF, RealNVP
+from ..flows._flowjax import zero_last_layers
 
 __all__ = ["AutoSIVI"]
 
@@ -34,25 +29,14 @@ def _check_positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
-_MIN_SLOPE = 1e-3
-
-
-def _soft_clipped_exp(raw: jax.Array) -> jax.Array:
-    """``exp`` of ``raw`` soft-clipped to ``|log a| < -log(1e-3)``: zuko's affine scale."""
-    return jnp.exp(raw / (1 + jnp.abs(raw / math.log(_MIN_SLOPE))))
-
-
-def _bounded_affine() -> Affine:
-    """flowjax ``Affine`` whose scale is zuko's ``MonotonicAffineTransform`` scale (1 at 0)."""
-    return eqx.tree_at(
-        lambda affine: affine.scale, Affine(), Parameterize(_soft_clipped_exp, jnp.zeros(()))
-    )
+# Soft bound on each proposal layer's |log-scale| (zuko's default slope 1e-3, as the Pyro twin).
+PROPOSAL_MAX_LOG_SCALE = math.log(1e3)
 
 
 def _make_flow_proposal(rng_key, mixing_dim, latent_dim, num_transforms, hidden_dims):
     """Conditional flow ``tau(eps | z)``: RealNVP (``m >= 2``) or, for ``m = 1``, an affine MAF.
 
-    As ``mixvi``'s ``RealNVP`` / ``MAF`` but with the coupling scale of the Pyro backend's zuko
+    ``numpyro_mixvi``'s ``RealNVP`` / ``MAF`` with the coupling scale of the Pyro backend's zuko
     flows, ``exp(r / (1 + |r| / log 1e3))``, bounded in ``[1e-3, 1e3]`` per layer. flowjax's
     default ``softplus`` scale is unbounded above and reaches 0 exponentially: on centered eight
     schools at Adam lr 3e-2 the proposal then put near-zero density at some contexts, the
@@ -61,34 +45,11 @@ def _make_flow_proposal(rng_key, mixing_dim, latent_dim, num_transforms, hidden_
     The last layer of every conditioner MLP is zero, so the flow starts as the prior
     ``N(0, I_m)`` (flowjax builds each transformer at ``initial + conditioner output``).
     """
-    hidden = check_flow_args(mixing_dim, latent_dim, num_transforms, hidden_dims)
-    options = {
-        "base_dist": standard_normal(int(mixing_dim)),
-        "transformer": _bounded_affine(),
-        "cond_dim": int(latent_dim),
-        "flow_layers": int(num_transforms),
-        **mlp_shape(hidden),
-    }
-    if mixing_dim >= 2:
-        flow = coupling_flow(rng_key, **options)
-    else:
-        flow = masked_autoregressive_flow(rng_key, invert=True, **options)
-    return jax.tree.map(
-        _zero_last_layer, flow, is_leaf=lambda node: isinstance(node, eqx.nn.MLP)
-    )
-
-
-def _zero_last_layer(node):
-    """An equinox MLP with a zero last layer (float leaves only: a masked layer's mask stays)."""
-    if not isinstance(node, eqx.nn.MLP):
-        return node
-
-    def zero(leaf):
-        if eqx.is_array(leaf) and jnp.issubdtype(leaf.dtype, jnp.inexact):
-            return jnp.zeros_like(leaf)
-        return leaf
-
-    return eqx.tree_at(lambda mlp: mlp.layers[-1], node, jax.tree.map(zero, node.layers[-1]))
+    factory = RealNVP if mixing_dim >= 2 else MAF
+    flow = factory(rng_key, int(mixing_dim), context_dim=int(latent_dim),
+                   num_transforms=num_transforms, hidden_dims=hidden_dims,
+                   max_log_scale=PROPOSAL_MAX_LOG_SCALE)
+    return zero_last_layers(flow)
 
 
 class AutoSIVI(AutoContinuous):
