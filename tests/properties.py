@@ -85,3 +85,33 @@ def assert_close_in_mc_error(
     assert np.all(gap <= num_sd * stderr + 1e-12), (
         f"mean {mean} is {gap / np.maximum(stderr, 1e-300)} standard errors from {target}"
     )
+
+
+def assert_wins_over_seeds(
+    runs: list[tuple[dict[str, tuple[float, float, float]], float]],
+    winner: str,
+    baselines: tuple[str, ...],
+    context: str = "",
+) -> None:
+    """``winner``'s seed-mean ELBO and sliced W2 beat every baseline's (seeds paired).
+
+    Over seeds the fit outcome varies far more than the per-fit estimates, so the check is on the
+    per-seed differences: their mean must exceed 3 standard errors (the spread over seeds, plus
+    the draws' Monte Carlo error of the ELBO), and for sliced W2 also the metric's noise floor.
+    With one seed the spread is unknown and the Monte Carlo error alone sets the ELBO margin.
+
+    Shapes:
+        ``runs``: one ``(scores, floor)`` per seed; ``scores[label] = (elbo, elbo_stderr,
+        sliced_w2)``; ``floor`` is the sliced W2 between two exact samples of the same size.
+    """
+    floor = np.mean([floor for _, floor in runs])
+    for label in baselines:
+        elbo_gap = np.array([s[winner][0] - s[label][0] for s, _ in runs])
+        mc_se = np.mean([np.hypot(s[winner][1], s[label][1]) for s, _ in runs])
+        sw_gap = np.array([s[label][2] - s[winner][2] for s, _ in runs])
+
+        def spread(gap: np.ndarray) -> float:
+            return gap.std(ddof=1) / np.sqrt(len(gap)) if len(gap) > 1 else 0.0
+
+        assert elbo_gap.mean() > 3 * np.hypot(spread(elbo_gap), mc_se), (context, label, elbo_gap)
+        assert sw_gap.mean() > floor + 3 * spread(sw_gap), (context, label, sw_gap, floor)
