@@ -315,14 +315,6 @@ def test_mixture_beats_each_expert_alone_on_multimodal_targets(name):
         assert mean("mixture", 2) < mean(label, 2) - 0.03, (label, rows)
 
 
-def eight_schools(sigma, y=None):
-    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
-    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
-    with numpyro.plate("school", sigma.shape[0]):
-        theta = numpyro.sample("theta", dist.Normal(mu, tau))
-        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
-
-
 @pytest.mark.slow
 def test_eight_schools_matches_autonormal_at_the_tutorial_budget():
     """Centered eight schools, 400 steps at lr 5e-3 (the swap-a-guide budget) and 50 stage-3
@@ -332,23 +324,23 @@ def test_eight_schools_matches_autonormal_at_the_tutorial_budget():
     (AutoNormal -36.41 +- 0.22; ("maf", "realnvp") with 100 stage-3 steps: -31.9, -32.4)."""
     from numpyro.infer.autoguide import AutoNormal
 
-    from numpyro_mixvi import log_evidence
+    from numpyro_mixvi import POSTERIORDB_MODELS, log_evidence
+    from tests.eight_schools import CENTERED, EIGHT_SCHOOLS
 
-    y = jnp.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
-    sigma = jnp.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+    eight_schools, data, _ = POSTERIORDB_MODELS[CENTERED](EIGHT_SCHOOLS)
     key = jax.random.PRNGKey(0)
     normal = AutoNormal(eight_schools)
     normal_params = SVI(eight_schools, normal, optax.adam(5e-3), Trace_ELBO(8)).run(
-        key, 400, sigma, y, progress_bar=False).params
-    baseline = log_evidence(jax.random.PRNGKey(1), normal_params, eight_schools, normal, sigma,
-                            y, num_samples=2000)
+        key, 400, *data, progress_bar=False).params
+    baseline = log_evidence(jax.random.PRNGKey(1), normal_params, eight_schools, normal, *data,
+                            num_samples=2000)
     guide = AutoFlowMixture(eight_schools)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*non-finite", category=RuntimeWarning)
-        params, result = guide.fit(key, sigma, y, num_steps=400, lr=5e-3, num_joint_steps=50,
+        params, result = guide.fit(key, *data, num_steps=400, lr=5e-3, num_joint_steps=50,
                                    progress_bar=False)
     assert all(bool(jnp.isfinite(losses).all()) for losses in result.expert_losses)
-    evidence = log_evidence(jax.random.PRNGKey(1), params, eight_schools, guide, sigma, y,
+    evidence = log_evidence(jax.random.PRNGKey(1), params, eight_schools, guide, *data,
                             num_samples=2000)
     assert evidence.estimate > baseline.estimate - 4 * math.hypot(evidence.stderr,
                                                                    baseline.stderr)

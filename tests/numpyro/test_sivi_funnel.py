@@ -21,17 +21,11 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_mixvi import POSTERIORDB_MODELS, SIVI_ELBO, AutoSIVI
-
-# Rubin (1981), as in posteriordb's eight_schools data.
-EIGHT_SCHOOLS = {
-    "J": 8,
-    "y": [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0],
-    "sigma": [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0],
-}
+from tests.eight_schools import CENTERED, EIGHT_SCHOOLS
 
 
 def elbo_terms(guide_name, lr, steps, seed, num_draws=2000):
-    model, args, _ = POSTERIORDB_MODELS["eight_schools-eight_schools_centered"](EIGHT_SCHOOLS)
+    model, args, _ = POSTERIORDB_MODELS[CENTERED](EIGHT_SCHOOLS)
     if guide_name == "AutoSIVI":
         guide, elbo = AutoSIVI(model), SIVI_ELBO()
         score = SIVI_ELBO(num_importance_samples=1024)

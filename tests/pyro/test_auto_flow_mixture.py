@@ -446,33 +446,26 @@ def test_eight_schools_experts_stay_finite_and_reach_autonormal_log_evidence():
     """
     from pyro.infer.autoguide import AutoNormal
 
-    from pyro_mixvi import log_evidence
+    from pyro_mixvi import POSTERIORDB_MODELS, log_evidence
+    from tests.eight_schools import CENTERED, EIGHT_SCHOOLS
 
-    y = torch.tensor([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
-    sigma = torch.tensor([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
-
-    def eight_schools(sigma, y=None):
-        mu = pyro.sample("mu", dist.Normal(sigma.new_zeros(()), 5.0))
-        tau = pyro.sample("tau", dist.HalfCauchy(sigma.new_tensor(5.0)))
-        with pyro.plate("school", sigma.shape[0]):
-            theta = pyro.sample("theta", dist.Normal(mu, tau))
-            pyro.sample("y", dist.Normal(theta, sigma), obs=y)
+    eight_schools, data, _ = POSTERIORDB_MODELS[CENTERED](EIGHT_SCHOOLS)
 
     pyro.set_rng_seed(1)
     normal = AutoNormal(eight_schools)
     svi = SVI(eight_schools, normal, Adam({"lr": 5e-3}), Trace_ELBO())
     for _ in range(800):
-        svi.step(sigma, y)
+        svi.step(*data)
     pyro.set_rng_seed(2)  # the estimates' own draws do not depend on how fit used the stream
-    reference = log_evidence(eight_schools, normal, sigma, y, num_samples=4000)
+    reference = log_evidence(eight_schools, normal, *data, num_samples=4000)
     pyro.clear_param_store()
     pyro.set_rng_seed(1)
     guide = AutoFlowMixture(eight_schools, experts=("maf",))
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no non-finite stage-1 loss
-        guide.fit(sigma, y, num_steps=400, lr=5e-3, num_weight_steps=5, progress_bar=False)
+        guide.fit(*data, num_steps=400, lr=5e-3, num_weight_steps=5, progress_bar=False)
     pyro.set_rng_seed(2)
-    ours = log_evidence(eight_schools, guide, sigma, y, num_samples=4000)
+    ours = log_evidence(eight_schools, guide, *data, num_samples=4000)
     assert ours.estimate > reference.estimate - 3 * math.hypot(ours.stderr, reference.stderr)
     # The default three experts and 50 stage-3 steps: no expert goes non-finite (RealNVP did at
     # step 146 with zuko's log-scale bound; measured now, seeds 1-2: log Z -31.9, -34.0).
@@ -481,7 +474,7 @@ def test_eight_schools_experts_stay_finite_and_reach_autonormal_log_evidence():
     guide = AutoFlowMixture(eight_schools)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        guide.fit(sigma, y, num_steps=400, lr=5e-3, num_joint_steps=50, progress_bar=False)
+        guide.fit(*data, num_steps=400, lr=5e-3, num_joint_steps=50, progress_bar=False)
     pyro.set_rng_seed(2)
-    ours = log_evidence(eight_schools, guide, sigma, y, num_samples=4000)
+    ours = log_evidence(eight_schools, guide, *data, num_samples=4000)
     assert ours.estimate > reference.estimate - 3 * math.hypot(ours.stderr, reference.stderr)

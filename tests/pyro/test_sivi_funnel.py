@@ -22,17 +22,11 @@ from pyro.infer.autoguide import AutoNormal
 
 from pyro_mixvi import POSTERIORDB_MODELS, SIVI_ELBO, AutoSIVI
 from pyro_mixvi.diagnostics import importance_draws
-
-# Rubin (1981), as in posteriordb's eight_schools data.
-EIGHT_SCHOOLS = {
-    "J": 8,
-    "y": [28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0],
-    "sigma": [15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0],
-}
+from tests.eight_schools import CENTERED, EIGHT_SCHOOLS
 
 
 def fit(guide_name, lr, steps, seed):
-    model, args, _ = POSTERIORDB_MODELS["eight_schools-eight_schools_centered"](EIGHT_SCHOOLS)
+    model, args, _ = POSTERIORDB_MODELS[CENTERED](EIGHT_SCHOOLS)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     if guide_name == "AutoSIVI":
