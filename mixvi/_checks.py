@@ -1,4 +1,4 @@
-"""Backend-free argument checks for both backends' flow factories, so each one says the same."""
+"""Backend-free argument checks for both backends' flows and guides, so each one says the same."""
 
 from __future__ import annotations
 
@@ -30,3 +30,9 @@ def check_flow_args(
             f"hidden_dims must be a non-empty sequence of positive ints; got {hidden_dims}"
         )
     return tuple(int(h) for h in hidden)
+
+
+def check_positive_int(name: str, value: int) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer (not a bool) >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")

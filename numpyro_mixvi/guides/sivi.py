@@ -15,6 +15,8 @@ from numpyro.distributions import biject_to
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
+from mixvi._checks import check_positive_int
+
 from .._sivi import SemiImplicitNormal, StandardizedProposal, generator_init
 from ..flows import MAF, RealNVP
 from ..flows._flowjax import zero_last_layers
@@ -22,11 +24,6 @@ from ..flows._flowjax import zero_last_layers
 __all__ = ["AutoSIVI"]
 
 PROPOSALS = ("flow", "prior")
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
 # Soft bound on each proposal layer's |log-scale| (zuko's default slope 1e-3, as the Pyro twin).
@@ -140,12 +137,12 @@ class AutoSIVI(AutoContinuous):
         init_scale: float = 0.1,
     ) -> None:
         if mixing_dim is not None:
-            _check_positive_int("mixing_dim", mixing_dim)
-        _check_positive_int("num_importance_samples", num_importance_samples)
-        _check_positive_int("num_proposal_transforms", num_proposal_transforms)
-        _check_positive_int("proposal_batch_size", proposal_batch_size)
+            check_positive_int("mixing_dim", mixing_dim)
+        check_positive_int("num_importance_samples", num_importance_samples)
+        check_positive_int("num_proposal_transforms", num_proposal_transforms)
+        check_positive_int("proposal_batch_size", proposal_batch_size)
         if chunk_size is not None:
-            _check_positive_int("chunk_size", chunk_size)
+            check_positive_int("chunk_size", chunk_size)
         if proposal not in PROPOSALS:
             raise ValueError(f"proposal must be one of {PROPOSALS}; got {proposal!r}")
         if not init_scale > 0:
@@ -211,9 +208,9 @@ class AutoSIVI(AutoContinuous):
                 "this guide has no flow proposal"
             )
         if num_importance_samples is not None:
-            _check_positive_int("num_importance_samples", num_importance_samples)
+            check_positive_int("num_importance_samples", num_importance_samples)
         if num_particles is not None:
-            _check_positive_int("num_particles", num_particles)
+            check_positive_int("num_particles", num_particles)
         previous = self._score_override
         self._score_override = {
             "num_importance_samples": num_importance_samples,

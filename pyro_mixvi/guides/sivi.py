@@ -10,17 +10,14 @@ import torch
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 
+from mixvi._checks import check_positive_int
+
 from .._sivi import ConditionalNormalGenerator, SemiImplicitNormal, StandardizedProposal
 from ..flows import MAF, RealNVP
 
 __all__ = ["AutoSIVI"]
 
 PROPOSALS = ("flow", "prior")
-
-
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
 def _make_flow_proposal(mixing_dim, latent_dim, num_transforms, hidden_dims, prototype):
@@ -134,12 +131,12 @@ class AutoSIVI(AutoContinuous):
         init_scale: float = 0.1,
     ) -> None:
         if mixing_dim is not None:
-            _check_positive_int("mixing_dim", mixing_dim)
-        _check_positive_int("num_importance_samples", num_importance_samples)
-        _check_positive_int("num_proposal_transforms", num_proposal_transforms)
-        _check_positive_int("proposal_batch_size", proposal_batch_size)
+            check_positive_int("mixing_dim", mixing_dim)
+        check_positive_int("num_importance_samples", num_importance_samples)
+        check_positive_int("num_proposal_transforms", num_proposal_transforms)
+        check_positive_int("proposal_batch_size", proposal_batch_size)
         if chunk_size is not None:
-            _check_positive_int("chunk_size", chunk_size)
+            check_positive_int("chunk_size", chunk_size)
         if proposal not in PROPOSALS:
             raise ValueError(f"proposal must be one of {PROPOSALS}; got {proposal!r}")
         if not init_scale > 0:
@@ -205,9 +202,9 @@ class AutoSIVI(AutoContinuous):
                 "this guide has no flow proposal"
             )
         if num_importance_samples is not None:
-            _check_positive_int("num_importance_samples", num_importance_samples)
+            check_positive_int("num_importance_samples", num_importance_samples)
         if num_particles is not None:
-            _check_positive_int("num_particles", num_particles)
+            check_positive_int("num_particles", num_particles)
         previous = self._score_override
         self._score_override = {
             "num_importance_samples": num_importance_samples,
