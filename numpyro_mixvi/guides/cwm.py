@@ -17,11 +17,17 @@ from numpyro_mixvi.guides.base import SampleSummariesOnly
 
 __all__ = ["AutoCWM"]
 
-#: The weights' parameters (``logits`` and the classifier's output layer) are stored multiplied
+#: The weights' parameters (``logits`` and every layer of the classifier) are stored multiplied
 #: by ``1 / WEIGHT_STEP_SCALE``, so an optimizer such as Adam, whose steps have a fixed size in
 #: the stored parameter, moves the weights this much slower than the components. Without it the
 #: weights decide before the components have moved: components that start in a poor place are
 #: switched off (weight ~1e-5) and never recover (measured in ``tests/numpyro/test_cwm_fits.py``).
+#: The hidden layers must be slowed as well, not only the output layer: Adam normalizes their
+#: gradient (proportional to the near-zero output layer) to full-size steps, and in the first
+#: ~250 steps, while the constant part of the weights is being learned, the second layer's
+#: pre-activations were driven past |2| for every base point (tanh saturated, the classifier
+#: constant in ``z`` and its gradient gone): banana, K = 4, 2 of 5 seeds stuck at the
+#: constant-weight mixture's ELBO (-0.28) before; none after.
 WEIGHT_STEP_SCALE = 0.1
 
 
@@ -43,7 +49,7 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
     with ``e_k ~ N(0, I)`` (so they do not coincide and average to the init location), every
     scale is ``init_scale`` and the classifier's last layer is zero (constant, uniform weights).
     The weights learn :data:`WEIGHT_STEP_SCALE` times slower than the components (a fixed
-    reparameterization: stored ``logits`` and output layer are the weights' divided by it).
+    reparameterization: stored ``logits`` and classifier layers are divided by it).
 
     Shapes:
         ``D`` is the unconstrained latent size, fixed at the first call.
@@ -135,16 +141,15 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
                 constraint=constraints.softplus_lower_cholesky)}
         logits = numpyro.param(f"{self.prefix}_logits", jnp.zeros(k, dtype))
         num_layers = 0 if self.hidden_dims is None else len(self.hidden_dims) + 1
-        layers = [
+        stored = [  # every layer stored divided by WEIGHT_STEP_SCALE (see there)
             (numpyro.param(f"{self.prefix}_classifier_weight_{i}",
-                           lambda key, i=i: self._init_layers(key)[i][0]),
+                           lambda key, i=i: self._init_layers(key)[i][0] / WEIGHT_STEP_SCALE),
              numpyro.param(f"{self.prefix}_classifier_bias_{i}",
-                           lambda key, i=i: self._init_layers(key)[i][1]))
+                           lambda key, i=i: self._init_layers(key)[i][1] / WEIGHT_STEP_SCALE))
             for i in range(num_layers)
         ]
-        if layers:
-            weight, bias = layers[-1]
-            layers[-1] = (WEIGHT_STEP_SCALE * weight, WEIGHT_STEP_SCALE * bias)
+        layers = [(WEIGHT_STEP_SCALE * weight, WEIGHT_STEP_SCALE * bias)
+                  for weight, bias in stored]
         return ClassifierWeightedMixture(locs, logits=WEIGHT_STEP_SCALE * logits,
                                          classifier_params=layers, **scales)
 
