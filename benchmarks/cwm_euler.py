@@ -10,8 +10,13 @@ entropy, is 0.2245). Parameter counts and wall-clock are reported for each model
 The paper's run (K = 50, classifier [128] * 3, 1000 epochs of 2e5 points) takes about a day of
 CPU; ``run()`` uses a budget that takes minutes here (see ``BUDGETS``) and says so in its table.
 
+With ``--flow-layers L`` (``run(flow_layers=L)``) a fourth model, "CWM+flows", is the same CWM
+with an identity-initialized RealNVP flow of ``L`` coupling layers in every component
+(``ClassifierWeightedMixture.from_samples(..., flow_layers=L)``), fit with the same budget.
+
 Example:
     $ python -m benchmarks.cwm_euler --quick
+    $ python -m benchmarks.cwm_euler --quick --flow-layers 2
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pyro_mixvi import ClassifierWeightedMixture
 
 NAME = "cwm_euler"
 ALPHA = 0.01
-PAPER = {"CWM": 0.221, "RealNVP": 0.133, "NSF": 0.182, "ceiling": 0.2245}
+PAPER = {"CWM": 0.221, "RealNVP": 0.133, "NSF": 0.182, "CWM+flows": None, "ceiling": 0.2245}
 BUDGETS = {
     # quick: minutes on a shared core. Default: 31 min wall for all three fits on this 2-core
     # machine shared with other jobs at load 4-7 (CWM 866 s, NSF 791 s, RealNVP 202 s; at 3000
@@ -93,18 +98,19 @@ def _train_flow(flow: torch.nn.Module, z: torch.Tensor, budget: dict, seed: int)
     return losses
 
 
-def _fit_cwm(z: torch.Tensor, budget: dict, seed: int) -> tuple[Any, int]:
+def _fit_cwm(z: torch.Tensor, budget: dict, seed: int, flow_layers: int = 0) -> tuple[Any, int]:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     em_draws = z[torch.randperm(len(z), generator=generator)[:30_000]]
     cwm = ClassifierWeightedMixture.from_samples(
         em_draws, budget["num_components"], hidden_dims=budget["hidden_dims"],
-        covariance="full", em_steps=100, generator=generator,
+        covariance="full", em_steps=100, flow_layers=flow_layers, generator=generator,
     )
     cwm, _ = cwm.fit(z, num_steps=budget["num_steps"], batch_size=budget["batch_size"], lr=5e-3,
                      progress_bar=False, generator=generator)
     count = cwm.locs.numel() + cwm.logits.numel() + cwm.scale_tril.shape[0] * 3  # 2-D tril
     count += sum(w.numel() + b.numel() for w, b in cwm.classifier_params)
+    count += sum(p.numel() for flow in cwm.flows or () for p in flow.parameters())
     return cwm.log_prob, count
 
 
@@ -123,8 +129,12 @@ def _fit_zuko(kind: str, z: torch.Tensor, budget: dict, seed: int) -> tuple[Any,
     return (lambda x: flow().log_prob(x)), sum(p.numel() for p in flow.parameters())
 
 
-def run(*, quick: bool = False, seeds=(0,), output_dir=None) -> dict:  # noqa: ANN001
+def run(
+    *, quick: bool = False, seeds=(0,), output_dir=None, flow_layers: int = 0  # noqa: ANN001
+) -> dict:
     """Fit CWM, RealNVP and NSF to the Euler image and score them; write JSON and Markdown.
+
+    ``flow_layers > 0`` adds "CWM+flows" (every component with that many coupling layers).
 
     Returns:
         ``{"rows": [...], "budget": {...}, "paper": {...}, "ceiling": float, "metadata": ...}``;
@@ -144,6 +154,8 @@ def run(*, quick: bool = False, seeds=(0,), output_dir=None) -> dict:  # noqa: A
         fitters = {"CWM": _fit_cwm,
                    "RealNVP": lambda z, b, s: _fit_zuko("RealNVP", z, b, s),
                    "NSF": lambda z, b, s: _fit_zuko("NSF", z, b, s)}
+        if flow_layers:
+            fitters["CWM+flows"] = lambda z, b, s: _fit_cwm(z, b, s, flow_layers)
         for name, fit in fitters.items():
             start = time.perf_counter()
             log_prob, count = fit(z_train, budget, seed)
@@ -160,12 +172,15 @@ def run(*, quick: bool = False, seeds=(0,), output_dir=None) -> dict:  # noqa: A
     results = {"rows": rows, "budget": {k: list(v) if isinstance(v, tuple) else v
                                         for k, v in budget.items()},
                "paper": PAPER, "ceiling": negative_entropy(image), "dtype": "float32",
+               "flow_layers": flow_layers,
                "wall_seconds": time.perf_counter() - wall_start,
-               "metadata": report.metadata(f"python -m benchmarks.cwm_euler{' --quick' * quick}")}
+               "metadata": report.metadata(
+                   f"python -m benchmarks.cwm_euler{' --quick' * quick}"
+                   f"{f' --flow-layers {flow_layers}' if flow_layers else ''}")}
     table = report.markdown_table(
         ["model", "seed", "image-space mean log-density (± se)", "paper", "params", "fit s"],
         [[r["model"], r["seed"], f"{r['mean_log_density']:.4f} ± {r['stderr']:.4f}",
-          PAPER[r["model"]], r["num_params"], f"{r['seconds']:.0f}"] for r in rows],
+          PAPER[r["model"]] or "-", r["num_params"], f"{r['seconds']:.0f}"] for r in rows],
     )
     markdown = (f"## CWM image density (Euler)\n\n{report.metadata_markdown(results['metadata'])}"
                 f"\nBudget: {results['budget']}. Ceiling (negative entropy): "
@@ -182,5 +197,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="the few-minute budget")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--flow-layers", type=int, default=0,
+                        help="also fit a CWM whose components carry RealNVP flows of this depth")
     arguments = parser.parse_args()
-    run(quick=arguments.quick, seeds=tuple(arguments.seeds), output_dir=arguments.output_dir)
+    run(quick=arguments.quick, seeds=tuple(arguments.seeds), output_dir=arguments.output_dir,
+        flow_layers=arguments.flow_layers)

@@ -36,3 +36,20 @@ def check_positive_int(name: str, value: int) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer (not a bool) >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+
+
+def check_flow_layers(flow_layers: int, input_dim: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``flow_layers`` is an integer >= 0 that ``input_dim`` allows.
+
+    Flow components are coupling flows, which split the coordinates in two: they need
+    ``input_dim >= 2``. ``input_dim=None`` (not known yet) checks ``flow_layers`` alone.
+    """
+    if isinstance(flow_layers, bool) or not isinstance(flow_layers, int) or flow_layers < 0:
+        raise ValueError(
+            f"flow_layers must be an integer >= 0 (0: affine components); got {flow_layers!r}"
+        )
+    if flow_layers > 0 and input_dim is not None and input_dim < 2:
+        raise ValueError(
+            f"flow_layers={flow_layers} needs a latent dimension >= 2 (a coupling flow splits "
+            f"the coordinates in two); got dimension {input_dim}: use flow_layers=0"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,30 +13,34 @@ from numpyro.distributions.transforms import biject_to
 from tqdm.auto import tqdm
 
 from numpyro_mixvi.distributions.cwm import ClassifierWeightedMixture
+from numpyro_mixvi.distributions.flow_mixture import partition_trainable
 
 _POSITIVE = constraints.softplus_positive
 _CHOLESKY = constraints.softplus_lower_cholesky
 _CHUNK = 50  # steps per jitted scan between finiteness checks and progress updates
 
 
-def _to_unconstrained(cwm: ClassifierWeightedMixture) -> dict:
-    params = {"locs": cwm.locs, "logits": cwm.logits,
+def _to_unconstrained(cwm: ClassifierWeightedMixture) -> tuple[dict, object]:
+    """Unconstrained trainable arrays, and the flows' non-trainable part (None without flows)."""
+    flows, static_flows = (None, None) if cwm.flows is None else partition_trainable(cwm.flows)
+    params = {"locs": cwm.locs, "logits": cwm.logits, "flows": flows,
               "classifier_params": [tuple(layer) for layer in cwm.classifier_params]}
     if cwm.scale is not None:
         params["scale"] = biject_to(_POSITIVE).inv(cwm.scale)
     else:
         params["scale_tril"] = biject_to(_CHOLESKY).inv(cwm.scale_tril)
-    return params
+    return params, static_flows
 
 
-def _from_unconstrained(params: dict) -> ClassifierWeightedMixture:
+def _from_unconstrained(params: dict, static_flows: object) -> ClassifierWeightedMixture:
     if "scale" in params:
         scales = {"scale": biject_to(_POSITIVE)(params["scale"])}
     else:
         scales = {"scale_tril": biject_to(_CHOLESKY)(params["scale_tril"])}
+    flows = None if static_flows is None else eqx.combine(params["flows"], static_flows)
     return ClassifierWeightedMixture(
         params["locs"], logits=params["logits"],
-        classifier_params=params["classifier_params"], **scales,
+        classifier_params=params["classifier_params"], flows=flows, **scales,
     )
 
 
@@ -52,16 +57,17 @@ def fit_cwm(
     """Adam on the mean negative log-likelihood of random minibatches (with replacement).
 
     Scales are optimized through softplus (diagonal) or the softplus-Cholesky bijection, so
-    they stay positive. Steps run in jitted chunks of 50; after each chunk the losses are
+    they stay positive; flow components (if any) train their inexact arrays outside
+    ``paramax.NonTrainable``. Steps run in jitted chunks of 50; after each chunk the losses are
     checked on the host and the first non-finite step is reported.
     """
     num_samples = samples.shape[0]
     batch = min(batch_size, num_samples)
     optimizer = optax.adam(lr)
-    params = _to_unconstrained(cwm)
+    params, static_flows = _to_unconstrained(cwm)
 
     def loss_fn(params, index):  # noqa: ANN001, ANN202
-        return -_from_unconstrained(params).log_prob(samples[index]).mean()
+        return -_from_unconstrained(params, static_flows).log_prob(samples[index]).mean()
 
     def step(carry, key):  # noqa: ANN001, ANN202
         params, opt_state = carry
@@ -91,4 +97,4 @@ def fit_cwm(
         bar.update(len(chunk))
         bar.set_postfix(nll=f"{chunk[-1]:.4f}")
     bar.close()
-    return _from_unconstrained(carry[0]), jnp.asarray(np.concatenate(losses))
+    return _from_unconstrained(carry[0], static_flows), jnp.asarray(np.concatenate(losses))

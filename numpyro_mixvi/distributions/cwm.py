@@ -8,7 +8,8 @@ The density over ``x`` in R^D with ``K`` affine components is
 normalized by construction because ``sum_k w_k(z) = 1``. Sampling is ancestral:
 ``z ~ N(0, I)``, ``r ~ Cat(w(z))``, ``x = T_r^{-1}(z)``.
 
-Direction: the forward (sampling) map of component ``k`` is ``x = loc_k + L_k z``
+Direction: the forward (sampling) map of component ``k`` is ``x = loc_k + L_k z``, or
+``x = loc_k + L_k F_k(z)`` with optional flow components ``F_k``
 (:meth:`ClassifierWeightedMixture.component_forward`); the paper's ``T_k`` (latent to reference)
 is :meth:`ClassifierWeightedMixture.component_inverse`.
 """
@@ -18,14 +19,32 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import paramax
 from jax import lax, random
 from numpyro.distributions import Distribution, constraints
 
+from mixvi._checks import check_flow_layers
 from numpyro_mixvi.distributions._refuse import refuse_gradient
+from numpyro_mixvi.flows._flowjax import typed_key, zero_last_layers
+from numpyro_mixvi.flows.realnvp import RealNVP
 
-__all__ = ["ClassifierWeightedMixture", "classifier_logits", "init_classifier_params"]
+__all__ = [
+    "FLOW_HIDDEN_DIMS",
+    "FLOW_MAX_LOG_SCALE",
+    "ClassifierWeightedMixture",
+    "classifier_logits",
+    "init_classifier_params",
+    "init_component_flows",
+]
+
+#: Hidden widths of each coupling layer's MLP in :func:`init_component_flows`.
+FLOW_HIDDEN_DIMS = (32, 32)
+#: Soft bound on each coupling layer's ``|log-scale|`` in :func:`init_component_flows` (the
+#: affine part ``loc_k + L_k`` carries the component's scale; the flow only bends its shape).
+FLOW_MAX_LOG_SCALE = 2.0
 
 ClassifierParams = Sequence[tuple[jax.Array, jax.Array]]
 
@@ -80,11 +99,70 @@ def init_classifier_params(
     return layers
 
 
+def init_component_flows(
+    rng_key: jax.Array,
+    input_dim: int,
+    num_components: int,
+    flow_layers: int,
+    dtype: jnp.dtype,
+    *,
+    hidden_dims: Sequence[int] = FLOW_HIDDEN_DIMS,
+    max_log_scale: float = FLOW_MAX_LOG_SCALE,
+):  # noqa: ANN201 - a flowjax bijection or None
+    """``K`` identity-initialized RealNVP flows, stacked (None if ``flow_layers == 0``).
+
+    Each is the ``bijection`` (base to latent) of :func:`~numpyro_mixvi.flows.RealNVP` with
+    ``flow_layers`` coupling layers whose output layers are zero, so every ``F_k`` starts as the
+    identity and a CWM built with them equals the affine one. The ``K`` flows are built with
+    ``eqx.filter_vmap``: one bijection whose arrays have a leading axis of size ``K``. Floating
+    arrays are cast to ``dtype``.
+
+    Raises:
+        ValueError: If ``flow_layers`` is not an integer >= 0, or ``flow_layers > 0`` and
+            ``input_dim < 2`` (a coupling layer splits the coordinates in two).
+    """
+    check_flow_layers(flow_layers, input_dim)
+    if flow_layers == 0:
+        return None
+
+    def one(key: jax.Array):  # noqa: ANN202
+        flow = RealNVP(key, input_dim, num_transforms=flow_layers, hidden_dims=hidden_dims,
+                       max_log_scale=max_log_scale)
+        return zero_last_layers(flow).bijection
+
+    keys = random.split(typed_key(rng_key), num_components)
+    flows = eqx.filter_vmap(one)(keys)
+    return jax.tree.map(lambda a: a.astype(dtype) if eqx.is_inexact_array(a) else a, flows)
+
+
+# Both flow passes are filter_jit-ed: called eagerly (sample_posterior, Predictive) a flowjax
+# flow under vmap dispatches op by op, seconds per call; under an outer jit this is inlined.
+@eqx.filter_jit
+def _flows_forward(flows, z: jax.Array) -> jax.Array:  # noqa: ANN001
+    """``F_k(z)`` for every stacked flow: ``(N, D)`` to ``(K, N, D)``."""
+    return eqx.filter_vmap(lambda flow: jax.vmap(paramax.unwrap(flow).transform)(z))(flows)
+
+
+@eqx.filter_jit
+def _flows_inverse(flows, u: jax.Array) -> tuple[jax.Array, jax.Array]:  # noqa: ANN001
+    """``F_k^{-1}(u_k)`` ``(K, N, D)`` and its log-Jacobian ``(K, N)`` from ``u``: ``(K, N, D)``."""
+    return eqx.filter_vmap(
+        lambda flow, u_k: jax.vmap(paramax.unwrap(flow).inverse_and_log_det)(u_k)
+    )(flows, u)
+
+
 class ClassifierWeightedMixture(Distribution):
     r"""Mixture of ``K`` affine maps of ``N(0, I)`` weighted by a classifier of the base point.
 
     .. math:: q(x) = \sum_k w_k(z_k)\, \mathcal{N}(z_k; 0, I)\, |\det L_k|^{-1},
               \qquad z_k = L_k^{-1}(x - \mathrm{loc}_k)
+
+    With flow components (``flows``) the sampling map of component ``k`` is
+    ``x = loc_k + L_k F_k(z)`` with ``F_k`` an invertible coupling flow, and
+    ``z_k = F_k^{-1}(L_k^{-1}(x - loc_k))`` with the flow's log-Jacobian added to the density.
+    The flow acts before the affine map, on the standardized point, so its networks see
+    unit-scale inputs whatever the scale of ``x`` (as AutoFlowMixture's experts). The classifier
+    still acts on the shared base point ``z``.
 
     It is a finite mixture in the sense of :mod:`numpyro_mixvi.guides.base`:
     :meth:`sample_components` returns all ``K`` images of one base draw with the weights
@@ -107,6 +185,10 @@ class ClassifierWeightedMixture(Distribution):
         classifier_params: Layers ``(weight (d_in, d_out), bias (d_out,))`` of the Tanh MLP
             ``f``; the first ``d_in`` is ``D`` and the last ``d_out`` is ``K``. Empty (default):
             constant weights ``softmax(logits)``, i.e. a Gaussian mixture.
+        flows: Optional ``K`` flows ``F_k`` over ``R^D`` as one flowjax bijection (base to
+            latent) whose arrays are stacked along a leading axis of size ``K`` (e.g. from
+            :func:`init_component_flows`); applied with ``eqx.filter_vmap``. None (default):
+            affine components.
         validate_args: Passed to the NumPyro ``Distribution``.
 
     Example:
@@ -116,10 +198,12 @@ class ClassifierWeightedMixture(Distribution):
 
     Cost:
         ``log_prob`` evaluates the classifier at ``K`` points per input (``O(K^2)`` outputs);
-        ``sample_components`` and ``sample`` evaluate it once per base draw.
+        ``sample_components`` and ``sample`` evaluate it once per base draw. Flows add ``K``
+        flow passes (inverse in ``log_prob``, forward in sampling), vectorized over ``K``.
 
     Raises:
-        ValueError: If the shapes of the parameters disagree (the message names the argument).
+        ValueError: If the shapes of the parameters disagree or ``flows`` is not ``K`` stacked
+            flows over ``R^D`` (the message names the argument).
 
     References:
         Classifier Weighted Mixture models (Argouarc'h, Septier, Desbouvries, 2025).
@@ -129,7 +213,7 @@ class ClassifierWeightedMixture(Distribution):
     arg_constraints: dict = {}
     support = constraints.real_vector
     reparametrized_params: list = []
-    pytree_data_fields = ("locs", "scale", "scale_tril", "logits", "classifier_params")
+    pytree_data_fields = ("locs", "scale", "scale_tril", "logits", "classifier_params", "flows")
 
     def __init__(
         self,
@@ -139,6 +223,7 @@ class ClassifierWeightedMixture(Distribution):
         scale_tril: jax.Array | None = None,
         logits: jax.Array | None = None,
         classifier_params: ClassifierParams = (),
+        flows=None,  # noqa: ANN001 - a stacked flowjax bijection
         validate_args: bool | None = None,
     ) -> None:
         if jnp.ndim(locs) != 2 or jnp.shape(locs)[0] < 1:
@@ -159,9 +244,11 @@ class ClassifierWeightedMixture(Distribution):
                 f"logits must have shape ({num_components},); got {jnp.shape(logits)}"
             )
         _check_classifier(classifier_params, dim, num_components)
+        _check_flows(flows, dim, num_components)
         self.locs, self.scale, self.scale_tril = locs, scale, scale_tril
         self.logits = logits
         self.classifier_params = tuple(tuple(layer) for layer in classifier_params)
+        self.flows = flows
         super().__init__(batch_shape=(), event_shape=(dim,), validate_args=validate_args)
 
     @property
@@ -179,31 +266,52 @@ class ClassifierWeightedMixture(Distribution):
         return jnp.log(jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1)).sum(-1)
 
     def component_forward(self, z: jax.Array) -> jax.Array:
-        """All ``K`` sampling maps ``x_k = loc_k + L_k z``: ``(..., D)`` to ``(..., K, D)``."""
-        z = z[..., None, :]
+        """All ``K`` sampling maps ``x_k = loc_k + L_k F_k(z)``: ``(..., D)`` to ``(..., K, D)``.
+
+        Without flows ``F_k`` is the identity.
+        """
+        if self.flows is None:
+            u = z[..., None, :]
+        else:
+            flat = _flows_forward(self.flows, z.reshape(-1, z.shape[-1]))  # (K, N, D)
+            u = jnp.moveaxis(flat, 0, -2).reshape(z.shape[:-1] + flat.shape[::2])
         if self.scale is not None:
-            return self.locs + self.scale * z
-        return self.locs + (self.scale_tril @ z[..., None])[..., 0]
+            return self.locs + self.scale * u
+        return self.locs + (self.scale_tril @ u[..., None])[..., 0]
 
     def component_inverse(self, x: jax.Array) -> jax.Array:
-        """The paper's maps ``z_k = T_k(x) = L_k^{-1}(x - loc_k)``.
+        """The paper's maps ``z_k = T_k(x) = F_k^{-1}(L_k^{-1}(x - loc_k))``.
 
         Shapes:
             ``(..., D)`` to ``(..., K, D)``.
         """
+        return self._inverse_and_log_det(x)[0]
+
+    def _inverse_and_log_det(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``z_k = T_k(x)`` ``(..., K, D)`` and ``log |det dT_k/dx|`` ``(..., K)``."""
         centred = x[..., None, :] - self.locs
         if self.scale is not None:
-            return centred / self.scale
-        tril = jnp.broadcast_to(self.scale_tril, centred.shape[:-1] + self.scale_tril.shape[-2:])
-        return lax.linalg.triangular_solve(tril, centred[..., None], left_side=True,
-                                           lower=True)[..., 0]
+            u = centred / self.scale
+        else:
+            tril = jnp.broadcast_to(self.scale_tril,
+                                    centred.shape[:-1] + self.scale_tril.shape[-2:])
+            u = lax.linalg.triangular_solve(tril, centred[..., None], left_side=True,
+                                            lower=True)[..., 0]
+        log_det = -self._log_det_scale()
+        if self.flows is None:
+            return u, jnp.broadcast_to(log_det, u.shape[:-1])
+        k, d = u.shape[-2:]
+        stacked = jnp.moveaxis(u.reshape(-1, k, d), 1, 0)  # (K, N, D)
+        z, flow_log_det = _flows_inverse(self.flows, stacked)
+        z = jnp.moveaxis(z, 0, 1).reshape(u.shape)
+        return z, log_det + jnp.moveaxis(flow_log_det, 0, 1).reshape(u.shape[:-1])
 
     def log_prob(self, value: jax.Array) -> jax.Array:
-        z = self.component_inverse(value)  # (..., K, D)
+        z, log_det = self._inverse_and_log_det(value)  # (..., K, D), (..., K)
         dim = z.shape[-1]
         log_normal = -0.5 * (z**2).sum(-1) - 0.5 * dim * math.log(2 * math.pi)
         log_w = jnp.diagonal(self.log_weights(z), axis1=-2, axis2=-1)  # w_k evaluated at z_k
-        return jax.nn.logsumexp(log_normal + log_w - self._log_det_scale(), -1)
+        return jax.nn.logsumexp(log_normal + log_w + log_det, -1)
 
     def sample_components(
         self, rng_key: jax.Array, sample_shape: tuple[int, ...] = ()
@@ -241,19 +349,23 @@ class ClassifierWeightedMixture(Distribution):
         hidden_dims: Sequence[int] | None = (32, 32),
         covariance: str = "diag",
         em_steps: int = 100,
+        flow_layers: int = 0,
     ) -> ClassifierWeightedMixture:
         """A CWM that equals the Gaussian mixture fitted to ``samples`` by EM (the paper's init).
 
         The classifier's last layer is zero and ``logits`` are the EM log-weights, so the
-        classifier starts constant; :meth:`fit` then trains every parameter.
+        classifier starts constant; with ``flow_layers > 0`` every component also gets an
+        identity-initialized RealNVP flow of that many coupling layers
+        (:func:`init_component_flows`). :meth:`fit` then trains every parameter.
 
         Shapes:
             ``samples``: ``(N, D)`` with ``N >= num_components``.
 
         Raises:
             ValueError: If ``num_components < 1``, ``samples`` is not ``(N, D)`` with
-                ``N >= num_components``, ``samples`` holds non-finite values, or ``covariance``
-                is not ``"diag"`` or ``"full"``.
+                ``N >= num_components``, ``samples`` holds non-finite values, ``covariance``
+                is not ``"diag"`` or ``"full"``, or ``flow_layers`` is negative (or positive
+                with ``D = 1``).
         """
         from numpyro_mixvi.distributions._gmm_em import gaussian_mixture_em
 
@@ -261,7 +373,9 @@ class ClassifierWeightedMixture(Distribution):
         _check_samples(samples, num_components)
         if covariance not in ("diag", "full"):
             raise ValueError(f"covariance must be 'diag' or 'full'; got {covariance!r}")
+        check_flow_layers(flow_layers, samples.shape[-1])
         key_em, key_init = random.split(rng_key)
+        key_init, key_flows = random.split(key_init)
         weights, locs, scales = gaussian_mixture_em(
             key_em, samples, num_components, covariance=covariance, num_steps=em_steps
         )
@@ -273,6 +387,8 @@ class ClassifierWeightedMixture(Distribution):
             classifier_params=init_classifier_params(
                 key_init, samples.shape[-1], num_components, hidden_dims, samples.dtype
             ),
+            flows=init_component_flows(key_flows, samples.shape[-1], num_components,
+                                       flow_layers, samples.dtype),
         )
 
     def fit(
@@ -321,6 +437,19 @@ def _check_classifier(classifier_params: ClassifierParams, dim: int, num_compone
     if classifier_params and width != num_components:
         raise ValueError(
             f"the last classifier layer must output K={num_components} logits; got {width}"
+        )
+
+
+def _check_flows(flows, dim: int, num_components: int) -> None:  # noqa: ANN001
+    if flows is None:
+        return
+    shapes = {jnp.shape(a)[:1] for a in jax.tree.leaves(eqx.filter(flows, eqx.is_array))}
+    if getattr(flows, "shape", None) != (dim,) or shapes != {(num_components,)}:
+        raise ValueError(
+            f"flows must be a flowjax bijection over R^{dim} whose arrays are stacked along a "
+            f"leading axis of size K={num_components} (e.g. from init_component_flows); got "
+            f"{type(flows).__name__} with shape {getattr(flows, 'shape', None)} and leading "
+            f"array sizes {sorted(shapes)}"
         )
 
 

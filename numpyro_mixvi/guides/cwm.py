@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpyro
 from jax import random
@@ -12,7 +14,13 @@ from numpyro.handlers import substitute
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_median
 
-from numpyro_mixvi.distributions.cwm import ClassifierWeightedMixture, init_classifier_params
+from mixvi._checks import check_flow_layers
+from numpyro_mixvi.distributions.cwm import (
+    ClassifierWeightedMixture,
+    init_classifier_params,
+    init_component_flows,
+)
+from numpyro_mixvi.distributions.flow_mixture import partition_trainable
 from numpyro_mixvi.guides.base import SampleSummariesOnly
 
 __all__ = ["AutoCWM"]
@@ -43,7 +51,11 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
     through the ancestral draw and silently miss the index's contribution.
 
     With ``hidden_dims=None`` the classifier is dropped and the guide is the constant-weight
-    Gaussian mixture with the same components (the baseline a CWM must beat).
+    Gaussian mixture with the same components (the baseline a CWM must beat). With
+    ``flow_layers > 0`` each component's sampling map becomes ``x = loc_k + L_k F_k(z)`` with
+    ``F_k`` a RealNVP flow of ``flow_layers`` coupling layers that starts as the identity
+    (:func:`~numpyro_mixvi.distributions.cwm.init_component_flows`), so the guide starts equal
+    to the affine one and ``RBMixture_ELBO`` trains the flows with everything else.
 
     At initialization the component locations are ``init_loc + init_scale * (e_k - mean(e))``
     with ``e_k ~ N(0, I)`` (so they do not coincide and average to the init location), every
@@ -74,6 +86,8 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
             The default 0.3 (wider than AutoNormal's 0.1) lets each component reach a
             different mode: with 0.1 all K start nearly on top of each other and on an
             8-mode target with K = 4 AutoCWM found 2 modes (ELBO -1.39 vs -0.69 at 0.3).
+        flow_layers: Coupling layers of each component's flow; 0 (default) gives affine
+            components. Needs a latent dimension of at least 2.
 
     Example:
         >>> guide = AutoCWM(model, num_components=4)   # was: AutoNormal(model)
@@ -86,9 +100,10 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
         ``K`` model evaluations per particle, vectorized with ``vmap``.
 
     Raises:
-        ValueError: If ``num_components < 1``, ``init_scale <= 0``, ``covariance`` is unknown or
-            a hidden width is not positive; or, at the first call, if the model has a discrete
-            latent site (the host's helpful message names it).
+        ValueError: If ``num_components < 1``, ``init_scale <= 0``, ``covariance`` is unknown,
+            a hidden width is not positive or ``flow_layers < 0``; or, at the first call, if the
+            model has a discrete latent site (the host's helpful message names it) or
+            ``flow_layers > 0`` with a one-dimensional latent.
 
     References:
         Classifier Weighted Mixture models (Argouarc'h, Septier, Desbouvries, 2025).
@@ -105,6 +120,7 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
         covariance: str = "diag",
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.3,
+        flow_layers: int = 0,
     ) -> None:
         if not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"num_components must be an int >= 1; got {num_components}")
@@ -114,11 +130,47 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
             raise ValueError(f"covariance must be 'diag' or 'full'; got {covariance!r}")
         if not init_scale > 0:
             raise ValueError(f"init_scale must be > 0; got {init_scale}")
+        check_flow_layers(flow_layers)
+        self.flow_layers = flow_layers
+        self._flow_skeleton = None
         self.num_components = num_components
         self.hidden_dims = None if hidden_dims is None else tuple(int(h) for h in hidden_dims)
         self.covariance = covariance
         self._init_scale = float(init_scale)
         super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_flow_skeleton"] = None  # holds flowjax closures; rebuilt on demand
+        return state
+
+    def _setup_prototype(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._setup_prototype(*args, **kwargs)
+        check_flow_layers(self.flow_layers, self.latent_dim)
+
+    def _build_flows(self, rng_key):  # noqa: ANN001, ANN202
+        return init_component_flows(rng_key, self.latent_dim, self.num_components,
+                                    self.flow_layers, jnp.result_type(self._init_latent))
+
+    def _component_flows(self):  # noqa: ANN202
+        """The stacked component flows from the ``{prefix}_component_flows`` param (or None).
+
+        The param holds the trainable leaves; the rest (treedef, masks, permutations) comes from
+        a build with a fixed key, so it is the same in every call and after unpickling. At
+        initialization the output layers are zero, so the flows are the identity whatever the
+        permutations.
+        """
+        if self.flow_layers == 0:
+            return None
+        if self._flow_skeleton is None:
+            params, static = partition_trainable(self._build_flows(jax.random.PRNGKey(0)))
+            self._flow_skeleton = (jax.tree.structure(params), static)
+        treedef, static = self._flow_skeleton
+        leaves = numpyro.param(
+            f"{self.prefix}_component_flows",
+            lambda key: jax.tree.leaves(partition_trainable(self._build_flows(key))[0]),
+        )
+        return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
 
     def _init_locs_fn(self, rng_key):  # noqa: ANN001, ANN202
         k, d = self.num_components, self.latent_dim
@@ -151,7 +203,8 @@ class AutoCWM(SampleSummariesOnly, AutoContinuous):
         layers = [(WEIGHT_STEP_SCALE * weight, WEIGHT_STEP_SCALE * bias)
                   for weight, bias in stored]
         return ClassifierWeightedMixture(locs, logits=WEIGHT_STEP_SCALE * logits,
-                                         classifier_params=layers, **scales)
+                                         classifier_params=layers,
+                                         flows=self._component_flows(), **scales)
 
     def _init_layers(self, rng_key):  # noqa: ANN001, ANN202
         return init_classifier_params(rng_key, self.latent_dim, self.num_components,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from pyro.distributions import constraints
 from torch.distributions import transform_to
@@ -20,6 +22,7 @@ def _to_unconstrained(cwm: ClassifierWeightedMixture) -> dict:
     else:
         params["scale_tril"] = transform_to(_CHOLESKY).inv(cwm.scale_tril)
     params["classifier_params"] = [tuple(layer) for layer in cwm.classifier_params]
+    params["flows"] = cwm.flows
     return params
 
 
@@ -30,13 +33,18 @@ def _from_unconstrained(params: dict) -> ClassifierWeightedMixture:
         scales = {"scale_tril": transform_to(_CHOLESKY)(params["scale_tril"])}
     return ClassifierWeightedMixture(
         params["locs"], logits=params["logits"],
-        classifier_params=params["classifier_params"], **scales,
+        classifier_params=params["classifier_params"], flows=params["flows"], **scales,
     )
 
 
+_STRUCTURED = ("classifier_params", "flows")
+
+
 def _leaves(params: dict) -> list[torch.Tensor]:
-    tensors = [v for k, v in params.items() if k != "classifier_params"]
-    return tensors + [t for layer in params["classifier_params"] for t in layer]
+    tensors = [v for k, v in params.items() if k not in _STRUCTURED]
+    flows = params["flows"] or ()
+    return (tensors + [t for layer in params["classifier_params"] for t in layer]
+            + [p for flow in flows for p in flow.parameters()])
 
 
 def fit_cwm(
@@ -52,13 +60,15 @@ def fit_cwm(
     """Adam on the mean negative log-likelihood of random minibatches (with replacement).
 
     Scales are optimized through softplus (diagonal) or the softplus-Cholesky bijection, so
-    they stay positive; every step checks the loss is finite and raises otherwise.
+    they stay positive; flow components (if any) are deep copies trained in place. Every step
+    checks the loss is finite and raises otherwise.
     """
     params = _to_unconstrained(cwm)
     params = {k: v.detach().clone().requires_grad_() for k, v in params.items()
-              if k != "classifier_params"} | {
+              if k not in _STRUCTURED} | {
         "classifier_params": [tuple(t.detach().clone().requires_grad_() for t in layer)
-                              for layer in params["classifier_params"]]}
+                              for layer in params["classifier_params"]],
+        "flows": None if cwm.flows is None else tuple(copy.deepcopy(f) for f in cwm.flows)}
     optimizer = torch.optim.Adam(_leaves(params), lr=lr)
     num_samples = samples.shape[0]
     batch = min(batch_size, num_samples)
@@ -81,7 +91,8 @@ def fit_cwm(
             bar.set_postfix(nll=f"{loss.item():.4f}")
     if not all(torch.isfinite(t).all() for t in _leaves(params)):
         raise FloatingPointError("a CWM parameter became non-finite during fit; lower lr")
-    detached = {k: v.detach() for k, v in params.items() if k != "classifier_params"}
+    detached = {k: v.detach() for k, v in params.items() if k not in _STRUCTURED}
     detached["classifier_params"] = [tuple(t.detach() for t in layer)
                                      for layer in params["classifier_params"]]
+    detached["flows"] = params["flows"]
     return _from_unconstrained(detached), losses

@@ -35,6 +35,7 @@ from pyro_mixvi.distributions.flow_mixture import (
     ema_weights_step,
 )
 from pyro_mixvi.flows import MAF, RBIG, RealNVP, rbig_init, rbig_step
+from pyro_mixvi.flows._zuko import zero_last_layers
 from pyro_mixvi.flows.rbig import marginal_gaussianize
 from pyro_mixvi.guides.base import (
     SampleSummariesOnly,
@@ -100,7 +101,7 @@ class StandardizedFlow(nn.Module):
 
     def __init__(self, flow: nn.Module, loc: Tensor, scale: float) -> None:
         super().__init__()
-        self.flow = _zero_last_layers(flow.to(loc))
+        self.flow = zero_last_layers(flow.to(loc))
         self.loc = nn.Parameter(loc.detach().clone())
         self.log_scale = nn.Parameter(loc.new_full(loc.shape, math.log(scale)))
 
@@ -124,18 +125,6 @@ def _param_groups(module: StandardizedFlow, lr: float) -> list[dict]:
             {"params": list(module.flow.parameters()), "lr": lr / 10}]
 
 
-def _zero_last_layers(flow: nn.Module) -> nn.Module:
-    """Zero the output layer of every conditioner (zuko's ``hyper`` networks): identity flow."""
-    for module in flow.modules():
-        hyper = getattr(module, "hyper", None)
-        if isinstance(hyper, nn.Module):
-            # zuko's MLP layers are its own Linear class, so look for weight-bearing layers.
-            layers = [m for m in hyper.modules() if isinstance(getattr(m, "weight", None), Tensor)]
-            with torch.no_grad():
-                layers[-1].weight.zero_()
-                if getattr(layers[-1], "bias", None) is not None:
-                    layers[-1].bias.zero_()
-    return flow
 
 
 def _spread_offsets(num: int, loc: Tensor, spread: float) -> Tensor:

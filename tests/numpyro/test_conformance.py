@@ -99,6 +99,13 @@ CASES = [
         has_quantiles=False,
     ),
     GuideCase(
+        "AutoCWM-flows",
+        partial(AutoCWM, num_components=3, hidden_dims=(8,), flow_layers=2),
+        RBMixture_ELBO,
+        has_median=False,
+        has_quantiles=False,
+    ),
+    GuideCase(
         "AutoFlowMixture",
         partial(AutoFlowMixture, experts=("maf", "realnvp"),
                 expert_kwargs={"maf": {"num_transforms": 2, "hidden_dims": (8,)},

@@ -68,6 +68,8 @@ class GuideCase(NamedTuple):
             ``AutoIAFNormal`` keeps plain ``nn.Parameter``s that a fresh guide does not reload).
         raises_no_latent: The guide raises ``RuntimeError`` on a model without latent sites
             (``AutoContinuous`` does; upstream ``AutoNormal`` does not).
+        conjugate_dim: Latent size of the conjugate model: 2 for guides that need ``D >= 2``
+            (coupling flows split the coordinates in two).
         num_steps: SVI steps for the short conjugate fit.
         lr: Initial Adam step size for that fit (decays to ~1/10 of it by the last step).
     """
@@ -79,6 +81,7 @@ class GuideCase(NamedTuple):
     has_quantiles: bool = True
     param_store: bool = True
     raises_no_latent: bool = True
+    conjugate_dim: int = 1
     num_steps: int = 300
     lr: float = 0.05
 
@@ -103,6 +106,15 @@ CASES = [
         _rb_mixture_elbo,
         has_median=False,
         has_quantiles=False,
+    ),
+    GuideCase(
+        "AutoCWM-flows",
+        partial(AutoCWM, num_components=3, hidden_dims=(8,), flow_layers=2),
+        _rb_mixture_elbo,
+        has_median=False,
+        has_quantiles=False,
+        param_store=False,
+        conjugate_dim=2,
     ),
     GuideCase(
         "AutoFlowMixture",
@@ -131,20 +143,28 @@ NUM_DATA = 20
 
 
 def conjugate_model(y):
-    mu = pyro.sample("mu", dist.Normal(y.new_zeros(()), 1.0))
-    with pyro.plate("data", y.shape[-1]):
-        pyro.sample("obs", dist.Normal(mu, 1.0), obs=y)
+    """Scalar ``mu`` for data ``(N,)``; ``mu`` in ``R^d`` (independent) for data ``(N, d)``."""
+    if y.dim() == 1:
+        mu = pyro.sample("mu", dist.Normal(y.new_zeros(()), 1.0))
+        with pyro.plate("data", y.shape[-1]):
+            pyro.sample("obs", dist.Normal(mu, 1.0), obs=y)
+        return
+    mu = pyro.sample("mu", dist.Normal(y.new_zeros(y.shape[-1]), 1.0).to_event(1))
+    with pyro.plate("data", y.shape[0]):
+        pyro.sample("obs", dist.Normal(mu, 1.0).to_event(1), obs=y)
 
 
-def conjugate_data():
+def conjugate_data(dim=1):
+    """``(NUM_DATA,)`` data for ``dim == 1``, else ``(NUM_DATA, dim)``."""
     generator = torch.Generator().manual_seed(0)
-    return (0.7 + torch.randn(NUM_DATA, generator=generator, dtype=torch.float64)).to(
+    shape = (NUM_DATA,) if dim == 1 else (NUM_DATA, dim)
+    return (0.7 + torch.randn(shape, generator=generator, dtype=torch.float64)).to(
         torch.get_default_dtype()
     )
 
 
 def exact_posterior(y):
-    return dist.Normal(y.sum() / (len(y) + 1), (len(y) + 1.0) ** -0.5)
+    return dist.Normal(y.sum(0) / (len(y) + 1), (len(y) + 1.0) ** -0.5)
 
 
 def constrained_model(y):
@@ -195,7 +215,7 @@ def fit_conjugate(case):
     """The guide fitted to ``conjugate_model`` (once per case and dtype) and its data."""
     key = (case.id, torch.get_default_dtype())
     if key not in _CONJUGATE_FITS:
-        y = conjugate_data()
+        y = conjugate_data(case.conjugate_dim)
         _CONJUGATE_FITS[key] = fit(case, conjugate_model, y), y
     return _CONJUGATE_FITS[key]
 
@@ -231,22 +251,23 @@ def test_quantiles(case, dtype):
 def test_posterior_draws_match_exact_posterior(case, dtype):
     guide, y = fit_conjugate(case)
     with torch.no_grad(), pyro.plate("particles", 2000, dim=-2):
-        mu = guide(y)["mu"].reshape(-1)
+        mu = guide(y)["mu"].reshape(2000, -1)
     posterior = exact_posterior(y)
-    sd = float(posterior.stddev)
+    sd = float(posterior.stddev.reshape(-1)[0])  # the same in every coordinate
     # Monte Carlo error of the mean is sd / sqrt(2000) ~ 0.02 sd; the fit error dominates.
-    assert abs(float(mu.mean() - posterior.mean)) < 0.5 * sd
-    assert 0.6 < float(mu.std()) / sd < 1.5
+    assert bool(((mu.mean(0) - posterior.mean).abs() < 0.5 * sd).all())
+    ratio = mu.std(0) / sd
+    assert bool(((0.6 < ratio) & (ratio < 1.5)).all())
 
 
 @case_param
 def test_predictive(case, dtype):
-    y = conjugate_data()
+    y = conjugate_data(case.conjugate_dim)
     guide = fit(case, conjugate_model, y, num_steps=5)
     samples = Predictive(conjugate_model, guide=guide, num_samples=7)(y)
     assert set(samples) >= {"mu", "obs"}
-    assert samples["mu"].reshape(7, -1).shape == (7, 1)
-    assert samples["obs"].shape == (7, NUM_DATA)
+    assert samples["mu"].reshape(7, -1).shape == (7, case.conjugate_dim)
+    assert samples["obs"].shape == (7,) + y.shape
     assert samples["obs"].dtype == dtype
 
 
@@ -304,7 +325,7 @@ def test_param_store_save_load(case, dtype, tmp_path):
 
 @case_param
 def test_leading_particle_dims(case, dtype):
-    y = conjugate_data()
+    y = conjugate_data(case.conjugate_dim)
     guide = fit(case, conjugate_model, y, num_steps=5)
     # vectorize_particles puts the particles in a plate left of the model's plates.
     elbo = case.elbo(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
@@ -312,7 +333,7 @@ def test_leading_particle_dims(case, dtype):
     with torch.no_grad(), pyro.plate_stack("particles", (3, 2), rightmost_dim=-2):
         guide_trace = poutine.trace(guide).get_trace(y)
         model_trace = poutine.trace(poutine.replay(conjugate_model, guide_trace)).get_trace(y)
-    assert guide_trace.nodes["mu"]["value"].shape == (3, 2, 1)
+    assert guide_trace.nodes["mu"]["value"].shape == (3, 2, 1) + y.shape[1:]
     log_lik = model_trace.nodes["obs"]["fn"].log_prob(y)
     assert log_lik.shape == (3, 2, NUM_DATA) and bool(log_lik.isfinite().all())
 
@@ -360,11 +381,12 @@ def test_to_arviz(case, dtype):
     guide, y = fit_conjugate(case)
     num_samples = 400
     data = to_arviz(conjugate_model, guide, y, num_samples=num_samples)
-    assert data.posterior["mu"].shape == (1, num_samples)
+    assert data.posterior["mu"].shape == (1, num_samples) + y.shape[1:]
     assert data.log_likelihood["obs"].shape == (1, num_samples, NUM_DATA)
     log_w = data.sample_stats["log_p"].values - data.sample_stats["log_q"].values
     assert log_w.shape == (1, num_samples) and np.isfinite(log_w).all()
     posterior = exact_posterior(y)
-    sd = float(posterior.stddev)
+    sd = float(posterior.stddev.reshape(-1)[0])  # the same in every coordinate
     # Fit error (< 0.5 sd, test_posterior_draws...) plus Monte Carlo error 4 sd / sqrt(400).
-    assert abs(float(data.posterior["mu"].mean()) - float(posterior.mean)) < 0.7 * sd
+    gap = np.abs(data.posterior["mu"].values.mean((0, 1)) - posterior.mean.numpy())
+    assert (gap < 0.7 * sd).all()
