@@ -130,15 +130,20 @@ def test_autocwm_beats_the_gaussian_guides(name):
 # 0.190 +- 0.025 better, AutoCWM's ELBO -0.08 to -0.14 in every seed (the mixture's -0.28).
 # Before every classifier layer was slowed by WEIGHT_STEP_SCALE, 2 of 5 seeds ended at the
 # mixture's ELBO with the tanh layers saturated (see guides/cwm.py) and the gap was 0.088 +- 0.036.
-# eight_modes: K = 4 covers at most 4 of the 8 modes in most seeds for both
-# (ELBO -0.693 = log 1/2); ELBO gap 0.115 +- 0.070 / 0.139 +- 0.078, sliced W2 -0.069 +- 0.051 /
-# -0.025 +- 0.062 (which 4 modes are covered decides sliced W2, not the classifier).
+# eight_modes (same fix): K = 4, ELBO gap 0.115 +- 0.070 / 0.123 +- 0.074, sliced W2 worse by
+# 0.064 +- 0.053 / 0.043 +- 0.027. AutoCWM ends at log 1/2 (4 of 8 modes) in 8 of 10 fits, the
+# mixture at log 3/8 in 5 of 10; which modes are covered decides sliced W2. A diagonal affine
+# component cannot share its base mass between two modes 7.7 sd apart, so K < 8 caps both at
+# about K modes, while K = 8 puts the target inside the mixture's own family: there only mode
+# discovery differs (Pyro, K = 8: AutoCWM 4-7 modes, mixture 4-5; ELBO gap 0.152 +- 0.143,
+# sliced W2 0.074 +- 0.062, under 3 se). We keep K = 4, as on the other two targets.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
     "banana",
     "x_shape",
     pytest.param("eight_modes", marks=pytest.mark.xfail(
-        reason="K=4 < 8 modes: both mixtures cover about 4; gap < 3 se", strict=False)),
+        reason="K=4 < 8 modes: both cover 3-4, sliced W2 not better; K=8 gap < 3 se",
+        strict=False)),
 ])
 def test_autocwm_beats_the_constant_weight_mixture(name):
     assert_autocwm_wins(name, num_steps=2000, seeds=SEEDS, baselines=("constant-weight mixture",))
