@@ -6,8 +6,13 @@ per step, one process per backend, guides timed one after another. AutoCWM with
 vectorized call), so the table also gives the time per model evaluation. Pyro steps run eagerly;
 NumPyro steps are the jitted ``SVI.update`` (compilation excluded by warm-up steps).
 
+With ``--flow-layers L`` the table adds ``AutoCWM(..., flow_layers=L)`` at each K: its
+components carry RealNVP flows (Pyro: a Python loop over the K flow modules; NumPyro: the K
+flows stacked and ``vmap``-ed), so the rows show what the flows cost per K.
+
 Example:
     $ python -m benchmarks.cwm_timing --quick
+    $ python -m benchmarks.cwm_timing --quick --flow-layers 2
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ def synthetic_blr(dim: int, num_rows: int = 400, seed: int = 0) -> tuple[np.ndar
     return x, (rng.random(num_rows) < 1 / (1 + np.exp(-x @ w))).astype(float)
 
 
-def _pyro_times(dim: int, num_particles: int, num_steps: int) -> dict[str, float]:
+def _pyro_times(dim: int, num_particles: int, num_steps: int,
+                flow_layers: int = 0) -> dict[str, float]:
     import pyro
     import pyro.distributions as dist
     import torch
@@ -54,6 +60,10 @@ def _pyro_times(dim: int, num_particles: int, num_steps: int) -> dict[str, float
     for k in COMPONENTS:
         setups[f"AutoCWM K={k}"] = (lambda k=k: AutoCWM(model, num_components=k),
                                     RBMixture_ELBO(num_particles=num_particles))
+    for k in COMPONENTS if flow_layers else ():
+        setups[f"AutoCWM+flows K={k}"] = (
+            lambda k=k: AutoCWM(model, num_components=k, flow_layers=flow_layers),
+            RBMixture_ELBO(num_particles=num_particles))
     times = {}
     for name, (make_guide, elbo) in setups.items():
         pyro.clear_param_store()
@@ -70,7 +80,8 @@ def _pyro_times(dim: int, num_particles: int, num_steps: int) -> dict[str, float
     return times
 
 
-def _numpyro_times(dim: int, num_particles: int, num_steps: int) -> dict[str, float]:
+def _numpyro_times(dim: int, num_particles: int, num_steps: int,
+                   flow_layers: int = 0) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
     import numpyro
@@ -93,6 +104,10 @@ def _numpyro_times(dim: int, num_particles: int, num_steps: int) -> dict[str, fl
     for k in COMPONENTS:
         setups[f"AutoCWM K={k}"] = (lambda k=k: AutoCWM(model, num_components=k),
                                     RBMixture_ELBO(num_particles=num_particles))
+    for k in COMPONENTS if flow_layers else ():
+        setups[f"AutoCWM+flows K={k}"] = (
+            lambda k=k: AutoCWM(model, num_components=k, flow_layers=flow_layers),
+            RBMixture_ELBO(num_particles=num_particles))
     times = {}
     for name, (make_guide, elbo) in setups.items():
         svi = SVI(model, make_guide(), optax.adam(1e-3), elbo)
@@ -112,7 +127,7 @@ def _numpyro_times(dim: int, num_particles: int, num_steps: int) -> dict[str, fl
 
 
 def run(*, quick: bool = False, seeds=(0,), output_dir=None, backend: str = "pyro",  # noqa: ANN001
-        dim: int = 22, num_particles: int = 8) -> dict:
+        dim: int = 22, num_particles: int = 8, flow_layers: int = 0) -> dict:
     """Median step time of each guide and its ratio to AutoIAFNormal, for one backend.
 
     Returns:
@@ -121,15 +136,17 @@ def run(*, quick: bool = False, seeds=(0,), output_dir=None, backend: str = "pyr
     """
     num_steps = 20 if quick else 200
     timer = _pyro_times if backend == "pyro" else _numpyro_times
-    times = timer(dim, num_particles, num_steps)
+    times = timer(dim, num_particles, num_steps, flow_layers)
     base = times["AutoIAFNormal"]
     rows = []
     for name, seconds in times.items():
         k = int(name.split("=")[1]) if "=" in name else 1
         rows.append({"guide": name, "seconds_per_step": seconds, "ratio_to_iaf": seconds / base,
                      "model_evals_per_step": num_particles * k})
-    command = f"python -m benchmarks.cwm_timing --backend {backend}{' --quick' * quick}"
+    command = (f"python -m benchmarks.cwm_timing --backend {backend}{' --quick' * quick}"
+               f"{f' --flow-layers {flow_layers}' if flow_layers else ''}")
     results = {"rows": rows, "backend": backend, "dim": dim, "num_particles": num_particles,
+               "flow_layers": flow_layers,
                "num_timed_steps": num_steps, "seeds": list(seeds),
                "metadata": report.metadata(command)}
     table = report.markdown_table(
@@ -150,8 +167,10 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="20 timed steps instead of 200")
     parser.add_argument("--backend", choices=["pyro", "numpyro"], default="pyro")
     parser.add_argument("--output-dir", default=None)
+    parser.add_argument("--flow-layers", type=int, default=0,
+                        help="also time AutoCWM with RealNVP flow components of this depth")
     arguments = parser.parse_args()
     result = run(quick=arguments.quick, backend=arguments.backend,
-                 output_dir=arguments.output_dir)
+                 output_dir=arguments.output_dir, flow_layers=arguments.flow_layers)
     for row in result["rows"]:
         print(row)
