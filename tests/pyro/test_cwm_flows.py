@@ -220,3 +220,42 @@ def test_autocwm_flows_on_a_one_dimensional_latent_raise():
 
     with pytest.raises(ValueError, match="dimension >= 2"):
         AutoCWM(model, flow_layers=2)()
+
+
+@pytest.mark.slow
+def test_autocwm_flows_beat_affine_components_on_banana():
+    """RBMixture_ELBO fits: K = 2 AutoCWM with 2-layer flows beats the affine K = 2 AutoCWM.
+
+    Banana is normalized (log Z = 0), so the ELBO is -KL(q || p). Same start and Adam budget
+    (1000 steps, lr 1e-2, 8 particles) per seed; the paired seed-mean ELBO gap must exceed
+    3 standard errors (spread over 3 seeds and the 8000-draw Monte Carlo error). Measured
+    (float64): affine -0.52 / -0.58 / -0.30, flows -0.14 / -0.05 / -0.04.
+    """
+    from pyro.infer.autoguide.initialization import init_to_feasible
+
+    from pyro_mixvi.targets import Banana, target_model
+
+    torch.set_default_dtype(torch.float64)
+    target = Banana()
+    model = target_model(target)
+    gaps, mc_se = [], []
+    for seed in (0, 1, 2):
+        elbo = {}
+        for flow_layers in (0, 2):
+            pyro.clear_param_store()
+            pyro.set_rng_seed(seed)
+            guide = AutoCWM(model, num_components=2, flow_layers=flow_layers,
+                            init_loc_fn=init_to_feasible)
+            svi = SVI(model, guide, Adam({"lr": 1e-2}), RBMixture_ELBO(num_particles=8))
+            for _ in range(1000):
+                svi.step()
+            with torch.no_grad():
+                posterior = guide.get_posterior()
+                x = posterior.sample((8000,))
+                log_ratio = (target.log_prob(x) - posterior.log_prob(x)).numpy()
+            elbo[flow_layers] = (log_ratio.mean(), log_ratio.std(ddof=1) / math.sqrt(8000))
+        gaps.append(elbo[2][0] - elbo[0][0])
+        mc_se.append(math.hypot(elbo[2][1], elbo[0][1]))
+    gaps = torch.tensor(gaps)
+    se = math.hypot(float(gaps.std()) / math.sqrt(len(gaps)), sum(mc_se) / len(mc_se))
+    assert float(gaps.mean()) > 3 * se, (gaps, se)
