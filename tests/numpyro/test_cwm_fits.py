@@ -96,8 +96,7 @@ def _saturated_fraction(posterior, z):
     return float(jnp.mean(jnp.abs(pre) > 2))
 
 
-@pytest.mark.parametrize("seed", [0, 4])
-def test_classifier_stays_trainable_early_in_the_fit(x64, seed):
+def test_classifier_stays_trainable_early_in_the_fit(x64):
     """Regression: while the weights' constant part is learned, the hidden layers do not saturate.
 
     With only the output layer slowed, Adam moved the hidden layers at full step size (it
@@ -107,6 +106,7 @@ def test_classifier_stays_trainable_early_in_the_fit(x64, seed):
     classifier layer slowed it was below 5% (Pyro, seeds 0, 3, 4). The bound 0.5 sits between;
     the fraction's Monte Carlo error over 2000 x 32 values is below 0.01.
     """
+    seed = 4 if x64 else 0  # two of the seeds measured, one per dtype
     target = TARGETS["banana"]()
     model = target_model(target)
     guide = AutoCWM(model, num_components=4, init_loc_fn=init_to_feasible)
@@ -135,8 +135,9 @@ def test_autocwm_beats_the_gaussian_guides(name):
 # mixture at log 3/8 in 5 of 10; which modes are covered decides sliced W2. A diagonal affine
 # component cannot share its base mass between two modes 7.7 sd apart, so K < 8 caps both at
 # about K modes, while K = 8 puts the target inside the mixture's own family: there only mode
-# discovery differs (Pyro, K = 8: AutoCWM 4-7 modes, mixture 4-5; ELBO gap 0.152 +- 0.143,
-# sliced W2 0.074 +- 0.062, under 3 se). We keep K = 4, as on the other two targets.
+# discovery differs (K = 8: AutoCWM 4-7 modes, mixture 4-5; ELBO gap 0.152 +- 0.143 /
+# 0.156 +- 0.066, under 3 se; sliced W2 0.074 +- 0.062 better / 0.041 +- 0.051 worse). We keep
+# K = 4, as on the other two targets.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
     "banana",
