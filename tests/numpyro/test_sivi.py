@@ -7,12 +7,19 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import optax
 import pytest
 from numpyro import handlers, optim
 from numpyro.infer import SVI, Predictive, Trace_ELBO
 from numpyro.infer.autoguide import AutoNormal
 
-from numpyro_mixvi._sivi import output_multiplier
+from numpyro_mixvi._sivi import (
+    SPREAD_INIT_DRAWS,
+    generator_apply,
+    generator_init,
+    hidden_multiplier,
+    output_multiplier,
+)
 from numpyro_mixvi.elbos.sivi import SIVI_ELBO
 from numpyro_mixvi.guides.sivi import AutoSIVI
 
@@ -174,3 +181,58 @@ def test_discrete_and_empty_models_raise():
         svi = SVI(model, AutoSIVI(model), optim.Adam(1e-2), SIVI_ELBO())
         with pytest.raises(error, match=match):
             svi.init(jax.random.key(0))
+
+
+def test_hidden_layers_take_adam_steps_relative_to_their_size(x64):
+    # Adam's first step moves every stored parameter by lr * sign(grad) (|grad| >> its eps);
+    # hidden layers are stored divided by hidden_multiplier, so an effective weight moves by
+    # lr / sqrt(fan_in): lr relative to the torch-style init size, at any width.
+    dtype = jnp.float64 if x64 else jnp.float32
+    params = generator_init(jax.random.key(0), 3, jnp.zeros(2, dtype), (50, 40), init_scale=0.5,
+                            init_mixing_fraction=0.5)
+    eps = jax.random.normal(jax.random.key(1), (64, 3), dtype)
+
+    def loss(params):
+        return (generator_apply(params, eps)[0] ** 2).sum()
+
+    grads = jax.grad(loss)(params)
+    lr = 1e-2
+    optimizer = optax.adam(lr)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    new = optax.apply_updates(params, updates)
+    for index in range(2):
+        weight, grad, moved_weight = (p["net"][index][0] for p in (params, grads, new))
+        fan_in = weight.shape[0]
+        assert hidden_multiplier(fan_in) == pytest.approx(1 / math.sqrt(fan_in))
+        effective = weight * hidden_multiplier(fan_in)
+        assert float(jnp.abs(effective).max()) <= 1 / math.sqrt(fan_in)  # torch's init range
+        change = np.asarray((moved_weight - weight) * hidden_multiplier(fan_in))
+        moved = np.abs(np.asarray(grad)) > 1e-4
+        assert moved.mean() > 0.3
+        expected = -lr * hidden_multiplier(fan_in) * np.sign(np.asarray(grad))[moved]
+        np.testing.assert_allclose(change[moved], expected, rtol=1e-3 if x64 else 1e-2)
+
+
+def test_default_start_has_the_claimed_moments(x64):
+    # q starts with mean init_loc and per-coordinate variance init_scale^2, half of it the
+    # spread of mu(eps). Tolerance: 5 Monte Carlo standard errors of the 40000-draw moments
+    # plus the rescaling's own error (mean and sd of the spread fixed on SPREAD_INIT_DRAWS
+    # draws: relative error ~ 1 / sqrt(2 * 4096) on the sd, 1 / sqrt(4096) on the mean).
+    dtype = jnp.float64 if x64 else jnp.float32
+    init_loc, init_scale, fraction = jnp.array([1.0, -2.0, 0.5], dtype), 0.4, 0.5
+    params = generator_init(jax.random.key(2), 2, init_loc, (32, 32), init_scale=init_scale,
+                            init_mixing_fraction=fraction)
+    num = 40000
+    eps_key, noise_key = jax.random.split(jax.random.key(3))
+    loc, scale = generator_apply(params, jax.random.normal(eps_key, (num, 2), dtype))
+    z = np.asarray(loc + scale * jax.random.normal(noise_key, loc.shape, dtype), np.float64)
+    spread_var = fraction * init_scale**2
+    mean_tol = 5 * (init_scale / math.sqrt(num) + math.sqrt(spread_var / SPREAD_INIT_DRAWS))
+    np.testing.assert_allclose(z.mean(0), np.asarray(init_loc), atol=mean_tol, rtol=0)
+    centered = z - z.mean(0)
+    var = (centered**2).mean(0)
+    var_se = np.sqrt(((centered**4).mean(0) - var**2) / num)
+    var_tol = 5 * (var_se + 2 * spread_var / math.sqrt(2 * SPREAD_INIT_DRAWS))
+    assert np.all(np.abs(var - init_scale**2) < var_tol), (var, var_tol)
+    np.testing.assert_allclose(np.asarray(scale[0]), init_scale * math.sqrt(1 - fraction),
+                               rtol=1e-5)

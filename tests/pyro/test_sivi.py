@@ -11,6 +11,7 @@ from pyro.infer import SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.optim import Adam
 
+from pyro_mixvi._sivi import SPREAD_INIT_DRAWS, ConditionalNormalGenerator
 from pyro_mixvi.elbos.sivi import SIVI_ELBO
 from pyro_mixvi.guides.sivi import AutoSIVI
 
@@ -195,3 +196,53 @@ def test_discrete_and_empty_models_raise():
         AutoSIVI(discrete)()
     with pytest.raises(RuntimeError, match="no latent variables"):
         AutoSIVI(empty)()
+
+
+def test_hidden_layers_take_adam_steps_relative_to_their_size(dtype):
+    # Adam's first step moves every stored parameter by lr * sign(grad) (|grad| >> its eps);
+    # hidden layers store weight / multiplier, so an effective weight moves by
+    # lr * multiplier = lr / sqrt(fan_in): lr relative to torch's init size, at any width.
+    torch.manual_seed(0)
+    generator = ConditionalNormalGenerator(3, torch.zeros(2), (50, 40), init_scale=0.5,
+                                           init_mixing_fraction=0.5)
+    layers = [generator.net[0], generator.net[2]]
+    before = [(layer.weight * layer.multiplier).detach().clone() for layer in layers]
+    for layer, effective in zip(layers, before, strict=True):
+        assert layer.multiplier == pytest.approx(1 / math.sqrt(layer.in_features))
+        assert effective.abs().max() <= 1 / math.sqrt(layer.in_features)  # torch's init range
+    lr = 1e-2
+    optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+    loc, _ = generator(torch.randn(64, 3))
+    loc.pow(2).sum().backward()
+    optimizer.step()
+    for layer, effective in zip(layers, before, strict=True):
+        change = (layer.weight * layer.multiplier).detach() - effective
+        moved = layer.weight.grad.abs() > 1e-4
+        assert moved.float().mean() > 0.3
+        expected = -lr * layer.multiplier * layer.weight.grad[moved].sign()
+        assert torch.allclose(change[moved], expected, rtol=1e-3, atol=0)
+
+
+def test_default_start_has_the_claimed_moments(dtype):
+    # q starts with mean init_loc and per-coordinate variance init_scale^2, half of it the
+    # spread of mu(eps). Tolerance: 5 Monte Carlo standard errors of the 40000-draw moments
+    # plus the rescaling's own error (mean and sd of the spread fixed on SPREAD_INIT_DRAWS
+    # draws: relative error ~ 1 / sqrt(2 * 4096) on the sd, 1 / sqrt(4096) on the mean).
+    torch.manual_seed(1)
+    init_loc, init_scale, fraction = torch.tensor([1.0, -2.0, 0.5]), 0.4, 0.5
+    generator = ConditionalNormalGenerator(2, init_loc, (32, 32), init_scale=init_scale,
+                                           init_mixing_fraction=fraction)
+    num = 40000
+    with torch.no_grad():
+        eps = torch.randn(num, 2)
+        loc, scale = generator(eps)
+        z = loc + scale * torch.randn_like(loc)
+    spread_var = fraction * init_scale**2
+    mean_tol = 5 * (init_scale / math.sqrt(num) + math.sqrt(spread_var / SPREAD_INIT_DRAWS))
+    assert torch.allclose(z.mean(0), init_loc, atol=mean_tol, rtol=0)
+    centered = z - z.mean(0)
+    var = centered.pow(2).mean(0)
+    var_se = ((centered.pow(4).mean(0) - var**2) / num).sqrt()
+    var_tol = 5 * (var_se + 2 * spread_var / math.sqrt(2 * SPREAD_INIT_DRAWS))
+    assert bool(((var - init_scale**2).abs() < var_tol).all()), (var, var_tol)
+    assert torch.allclose(scale[0], torch.full_like(scale[0], init_scale * math.sqrt(1 - fraction)))
