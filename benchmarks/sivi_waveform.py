@@ -18,8 +18,12 @@ standardized mean error < 0.1 and every sd ratio in [0.9, 1.1]); it reports the 
 steps at which the bar is first met and held at the next checks, and writes
 ``sivi_waveform_time_to_accuracy.json``/``.md``.
 
+:func:`diagnose` (``--diagnose``) fits AISIVI once and prints, per check, the accuracy and
+:func:`proposal_diagnostics` (flow-proposal fit, dead ReLUs, own-draw bias of ``log q``).
+
 Example:
     $ python -m benchmarks.sivi_waveform --quick
+    $ python -m benchmarks.sivi_waveform --diagnose --k 128 --proposal-lr 0.01
     $ python -m benchmarks.sivi_waveform --seeds 0 1
     $ python -m benchmarks.sivi_waveform --time-to-accuracy
 """
@@ -45,12 +49,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ("AutoNormal", "AutoMultivariateNormal", "AutoIAFNormal")
 SEEDS = (0, 1)
 #: Every row's budget: the recipe's steps, particles and learning-rate decay (to 1/100).
-BUDGET = Budget(num_steps=8000, num_particles=4, learning_rate=1e-2, num_draws=4000,
-                final_lr_factor=1e-2)
+BUDGET = Budget(
+    num_steps=8000, num_particles=4, learning_rate=1e-2, num_draws=4000, final_lr_factor=1e-2
+)
 #: Importance draws of the SIVI score in training (``k``) and of ``log q`` for log Z and k̂.
 K, K_EVAL = 1024, 2048
-QUICK_BUDGET = Budget(num_steps=200, num_particles=4, learning_rate=1e-2, num_draws=500,
-                      final_lr_factor=1e-2)
+QUICK_BUDGET = Budget(
+    num_steps=200, num_particles=4, learning_rate=1e-2, num_draws=500, final_lr_factor=1e-2
+)
 
 
 def register(backend: str, *, k: int = K, k_eval: int = K_EVAL) -> list[str]:
@@ -67,10 +73,18 @@ def register(backend: str, *, k: int = K, k_eval: int = K_EVAL) -> list[str]:
     return names
 
 
-def run(*, quick: bool = False, seeds: Sequence[int] | None = None,
-        output_dir: str | os.PathLike | None = None, backend: str = "pyro",
-        guides: Sequence[str] | None = None, budget: Budget | None = None,
-        k: int = K, k_eval: int = K_EVAL, proposal_lr: float | None = None) -> dict[str, Any]:
+def run(
+    *,
+    quick: bool = False,
+    seeds: Sequence[int] | None = None,
+    output_dir: str | os.PathLike | None = None,
+    backend: str = "pyro",
+    guides: Sequence[str] | None = None,
+    budget: Budget | None = None,
+    k: int = K,
+    k_eval: int = K_EVAL,
+    proposal_lr: float | None = None,
+) -> dict[str, Any]:
     """SIVI and baselines on WAVEFORM at one budget; see the module docstring.
 
     Pyro's AISIVI/BSIVI rows are fitted by :func:`fit_sivi` (the recipe's optimizer, with the
@@ -83,11 +97,13 @@ def run(*, quick: bool = False, seeds: Sequence[int] | None = None,
     seeds = tuple(seeds or ((0,) if quick else SEEDS))
     names = register(backend, k=k, k_eval=k_eval)
     guides = list(guides) if guides else [*names, *BASELINES]
-    command = (f"python -m benchmarks.sivi_waveform{' --quick' if quick else ''} --backend "
-               f"{backend} --guides {' '.join(guides)} --seeds {' '.join(map(str, seeds))} "
-               f"--steps {budget.num_steps} --particles {budget.num_particles} --lr "
-               f"{budget.learning_rate:g} --final-lr-factor {budget.final_lr_factor:g} --draws "
-               f"{budget.num_draws} --k {k}")
+    command = (
+        f"python -m benchmarks.sivi_waveform{' --quick' if quick else ''} --backend "
+        f"{backend} --guides {' '.join(guides)} --seeds {' '.join(map(str, seeds))} "
+        f"--steps {budget.num_steps} --particles {budget.num_particles} --lr "
+        f"{budget.learning_rate:g} --final-lr-factor {budget.final_lr_factor:g} --draws "
+        f"{budget.num_draws} --k {k}"
+    )
     metadata = report.metadata(command)
     wave = load_waveform()
     impl = backend_module(backend)
@@ -96,12 +112,21 @@ def run(*, quick: bool = False, seeds: Sequence[int] | None = None,
     for spec in specs:
         for seed in seeds:
             if backend == "pyro" and spec.name in names:
-                row = _sivi_row(spec.name, wave, budget, seed, k=k, k_eval=k_eval,
-                                proposal_lr=proposal_lr)
+                row = _sivi_row(
+                    spec.name, wave, budget, seed, k=k, k_eval=k_eval, proposal_lr=proposal_lr
+                )
             else:
                 row = waveform._one_run(impl, wave, {"w": wave["nuts"]}, spec, budget, seed)
-            print(json.dumps({key: value for key, value in row.items()
-                              if isinstance(value, (int, float, str))}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        key: value
+                        for key, value in row.items()
+                        if isinstance(value, (int, float, str))
+                    }
+                ),
+                flush=True,
+            )
             runs.append(row)
     results = {
         "benchmark": waveform.NAME, "metadata": metadata, "backend": backend, "quick": quick,
@@ -127,17 +152,27 @@ def run(*, quick: bool = False, seeds: Sequence[int] | None = None,
 
 def _floor_note(results: dict) -> str:
     floor, recipe = results["noise_floor"], results["sivi_recipe"]
-    return (f"\nAISIVI/BSIVI: AutoSIVI {recipe['guide']}, SIVI_ELBO k = {recipe['k']} (log q for "
-            f"log Z and k̂: k = {recipe['k_eval']}), ClippedAdam {recipe['optim']}. Every row: "
-            f"lr decayed exponentially to {results['budget']['final_lr_factor']:g}x. Monte Carlo "
-            f"floor of the accuracy columns with {floor['num_draws']} exact draws: max "
-            f"standardized mean error median {floor['max_mean_error_median']:.3f} (95%: "
-            f"{floor['max_mean_error_p95']:.3f}), max |sd ratio - 1| median "
-            f"{floor['max_sd_deviation_median']:.3f} (95%: {floor['max_sd_deviation_p95']:.3f}).\n")
+    return (
+        f"\nAISIVI/BSIVI: AutoSIVI {recipe['guide']}, SIVI_ELBO k = {recipe['k']} (log q for "
+        f"log Z and k̂: k = {recipe['k_eval']}), ClippedAdam {recipe['optim']}. Every row: "
+        f"lr decayed exponentially to {results['budget']['final_lr_factor']:g}x. Monte Carlo "
+        f"floor of the accuracy columns with {floor['num_draws']} exact draws: max "
+        f"standardized mean error median {floor['max_mean_error_median']:.3f} (95%: "
+        f"{floor['max_mean_error_p95']:.3f}), max |sd ratio - 1| median "
+        f"{floor['max_sd_deviation_median']:.3f} (95%: {floor['max_sd_deviation_p95']:.3f}).\n"
+    )
 
 
-def _sivi_row(name: str, wave: dict, budget: Budget, seed: int, *, k: int, k_eval: int,
-              proposal_lr: float | None) -> dict[str, Any]:
+def _sivi_row(
+    name: str,
+    wave: dict,
+    budget: Budget,
+    seed: int,
+    *,
+    k: int,
+    k_eval: int,
+    proposal_lr: float | None,
+) -> dict[str, Any]:
     """One Pyro AISIVI/BSIVI fit by :func:`fit_sivi`, scored as :func:`waveform._one_run` does."""
     import numpy as np
 
@@ -161,9 +196,13 @@ def _sivi_row(name: str, wave: dict, budget: Budget, seed: int, *, k: int, k_eva
     weights = draws["w"].reshape(len(draws["w"]), -1)
     row.update(compare_to_reference({"w": weights}, {"w": wave["nuts"]}, seed=seed))
     row.update(importance_summary(log_weights))
-    row.update(fit_seconds=fit_seconds, fit_cpu_seconds=cpu, peak_memory_mb=peak.megabytes,
-               log_evidence_error=row["log_evidence"] - WAVEFORM_LOG_EVIDENCE,
-               **waveform.predictive(weights, wave["X_test"], wave["y_test"]))
+    row.update(
+        fit_seconds=fit_seconds,
+        fit_cpu_seconds=cpu,
+        peak_memory_mb=peak.megabytes,
+        log_evidence_error=row["log_evidence"] - WAVEFORM_LOG_EVIDENCE,
+        **waveform.predictive(weights, wave["X_test"], wave["y_test"]),
+    )
     return row
 
 
@@ -191,8 +230,13 @@ def _sivi_guide(model, proposal: str, k: int, k_eval: int, guide_options: dict):
     return AutoSIVI(model, proposal=proposal, num_importance_samples=k_eval, **guide_options)
 
 
-def _optim(num_steps: int, learning_rate: float, proposal_lr: float, final_lr_factor: float,
-           clip_norm: float):
+def _optim(
+    num_steps: int,
+    learning_rate: float,
+    proposal_lr: float,
+    final_lr_factor: float,
+    clip_norm: float,
+):
     from pyro.optim import ClippedAdam
 
     decay = final_lr_factor ** (1.0 / num_steps)
@@ -218,7 +262,7 @@ def low_rank_bound(mixing_dim: int, nuts, *, num_steps: int = 6000, seed: int = 
     target = torch.as_tensor(np.cov(nuts.T), dtype=torch.float64)
     precision, dim = torch.linalg.inv(target), target.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    factor = (0.1 * torch.randn(dim, mixing_dim, generator=generator, dtype=torch.float64))
+    factor = 0.1 * torch.randn(dim, mixing_dim, generator=generator, dtype=torch.float64)
     factor.requires_grad_(True)
     log_diag = torch.full((dim,), -3.0, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.Adam([factor, log_diag], lr=1e-2)
@@ -272,10 +316,19 @@ def noise_floor(num_draws: int, nuts, *, repeats: int = 200, seed: int = 0) -> d
             "max_sd_deviation_p95": float(np.quantile(deviations, 0.95))}  # fmt: skip
 
 
-def fit_sivi(proposal: str, *, num_steps: int, num_particles: int = 4, k: int = K,
-             k_eval: int = K_EVAL, seed: int = 0, guide_options: dict | None = None,
-             optim_options: dict | None = None, check_every: int | None = None,
-             check=None) -> tuple[Any, tuple, float, float]:
+def fit_sivi(
+    proposal: str,
+    *,
+    num_steps: int,
+    num_particles: int = 4,
+    k: int = K,
+    k_eval: int = K_EVAL,
+    seed: int = 0,
+    guide_options: dict | None = None,
+    optim_options: dict | None = None,
+    check_every: int | None = None,
+    check=None,
+) -> tuple[Any, tuple, float, float]:
     """Fit AutoSIVI (Pyro) with :data:`RECIPE_GUIDE`/:data:`RECIPE_OPTIM` (overridable).
 
     ``check(guide, args, step, cpu_seconds, wall_seconds, loss)`` runs every ``check_every``
@@ -294,11 +347,13 @@ def fit_sivi(proposal: str, *, num_steps: int, num_particles: int = 4, k: int = 
     args, _ = _pyro.blr_args(wave["X_train"], wave["y_train"])
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    guide = _sivi_guide(_pyro.blr_model, proposal, k, k_eval,
-                        {**RECIPE_GUIDE, **(guide_options or {})})
+    guide = _sivi_guide(
+        _pyro.blr_model, proposal, k, k_eval, {**RECIPE_GUIDE, **(guide_options or {})}
+    )
     optim = _optim(num_steps, **{**RECIPE_OPTIM, **(optim_options or {})})
-    elbo = SIVI_ELBO(num_particles=num_particles, num_importance_samples=k,
-                     vectorize_particles=True)
+    elbo = SIVI_ELBO(
+        num_particles=num_particles, num_importance_samples=k, vectorize_particles=True
+    )
     svi = SVI(_pyro.blr_model, guide, optim, elbo)
     cpu = wall = 0.0
     for step in range(1, num_steps + 1):
@@ -313,12 +368,22 @@ def fit_sivi(proposal: str, *, num_steps: int, num_particles: int = 4, k: int = 
     return guide, args, cpu, wall
 
 
-def time_to_accuracy(*, guides: Sequence[str] = ("AISIVI", "BSIVI"), num_steps: int = 8000,
-                     num_particles: int = 4, k: int = K, eval_every: int = 500,
-                     num_draws: int = 10000, hold: int = 2, max_cpu_seconds: float = math.inf,
-                     seed: int = 0, learning_rate: float | None = None,
-                     proposal_lr: float | None = None, final_lr_factor: float | None = None,
-                     output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def time_to_accuracy(
+    *,
+    guides: Sequence[str] = ("AISIVI", "BSIVI"),
+    num_steps: int = 8000,
+    num_particles: int = 4,
+    k: int = K,
+    eval_every: int = 500,
+    num_draws: int = 10000,
+    hold: int = 2,
+    max_cpu_seconds: float = math.inf,
+    seed: int = 0,
+    learning_rate: float | None = None,
+    proposal_lr: float | None = None,
+    final_lr_factor: float | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """CPU seconds and steps until AISIVI / BSIVI (Pyro) reach NUTS-level accuracy on WAVEFORM.
 
     Each guide is fitted with the recipe (:data:`RECIPE_GUIDE`, :data:`RECIPE_OPTIM`; the
@@ -336,8 +401,9 @@ def time_to_accuracy(*, guides: Sequence[str] = ("AISIVI", "BSIVI"), num_steps: 
     meta = report.metadata(
         "python -m benchmarks.sivi_waveform --time-to-accuracy "
         f"--guides {' '.join(guides)} --steps {num_steps} --particles {num_particles} "
-        f"--k {k} --seeds {seed}" + "".join(f" --{key.replace('_', '-')} {value:g}"
-                                            for key, value in overrides.items()))
+        f"--k {k} --seeds {seed}"
+        + "".join(f" --{key.replace('_', '-')} {value:g}" for key, value in overrides.items())
+    )
     result = {"meta": meta, "guide_options": RECIPE_GUIDE, "optim": optim, "k": k,
               "num_particles": num_particles, "num_steps": num_steps, "seed": seed,
               "num_draws": num_draws, "hold": hold, "nuts_level": NUTS_LEVEL,
@@ -350,17 +416,30 @@ def time_to_accuracy(*, guides: Sequence[str] = ("AISIVI", "BSIVI"), num_steps: 
 
             with torch.no_grad():
                 draws = guide.get_posterior(*args).sample((num_draws,))
-            row = {"step": step, "cpu_seconds": cpu, "wall_seconds": wall, "loss": loss,
-                   **accuracy(draws.double().numpy(), wave["nuts"])}
+            row = {
+                "step": step,
+                "cpu_seconds": cpu,
+                "wall_seconds": wall,
+                "loss": loss,
+                **accuracy(draws.double().numpy(), wave["nuts"]),
+            }
             checkpoints.append(row)
             print(json.dumps({"guide": name, **row}), flush=True)
             streak = _streak_start(checkpoints, hold)
             return (streak is not None and len(checkpoints) - 1 - streak >= hold) or (
-                cpu >= max_cpu_seconds)
+                cpu >= max_cpu_seconds
+            )
 
-        fit_sivi("flow" if name == "AISIVI" else "prior", num_steps=num_steps,
-                 num_particles=num_particles, k=k, seed=seed, optim_options=overrides,
-                 check_every=eval_every, check=check)
+        fit_sivi(
+            "flow" if name == "AISIVI" else "prior",
+            num_steps=num_steps,
+            num_particles=num_particles,
+            k=k,
+            seed=seed,
+            optim_options=overrides,
+            check_every=eval_every,
+            check=check,
+        )
         start = _streak_start(checkpoints, hold)
         held = start is not None and len(checkpoints) - 1 - start >= hold
         result["guides"][name] = {"reached": checkpoints[start] if held else None,
@@ -370,6 +449,97 @@ def time_to_accuracy(*, guides: Sequence[str] = ("AISIVI", "BSIVI"), num_steps: 
     (out / "sivi_waveform_time_to_accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "sivi_waveform_time_to_accuracy.md").write_text(_tta_markdown(result))
     return result
+
+
+def proposal_diagnostics(guide, args, *, num_pairs: int = 2000, k: int = 1024) -> dict:
+    """Why AISIVI's ``log q`` is biased: how well its flow proposal fits ``q(eps | z)``.
+
+    On ``num_pairs`` joint draws ``(eps, z)``: the proposal's ``-log tau(eps | z)`` against the
+    prior's entropy (no information) and against a linear-Gaussian regression of ``eps`` on the
+    proposal's context (a floor any decent proposal reaches); the number of ReLUs of each
+    coupling network that are off for every pair (dead); and the *own-draw gap*, the mean of
+    ``log q_hat`` with the draw's own ``eps`` among the ``k`` importance draws minus without it
+    (0 for a perfect proposal; the training score is biased towards the conditional score,
+    i.e. towards less mixing, by about that much).
+    """
+    import torch
+
+    post = guide.get_posterior(*args)
+    with torch.no_grad(), guide.score_options(num_importance_samples=k):
+        z, eps = post.rsample_with_mixing((num_pairs,))
+        post_k = guide.get_posterior(*args)
+        with_own, _ = post_k.importance_score(z[:256], eps[:256])
+        without, _ = post_k.importance_score(z[:256], None)
+        row = {"own_draw_gap": float((with_own - without).mean())}
+        if post.proposal is None:
+            return row
+        generator = guide.generator
+        context = (z - generator.loc) / torch.nn.functional.softplus(generator.raw_scale)
+        dead = []
+        for transform in guide.proposal_flow.transform.transforms:
+            hidden = torch.cat([eps[:, transform.mask], context], -1)
+            for layer in transform.hyper:
+                hidden = layer(hidden)
+                if isinstance(layer, torch.nn.ReLU):
+                    dead.append(int(((hidden > 0).sum(0) == 0).sum()))
+        design = torch.cat([context, torch.ones_like(context[:, :1])], -1).double()
+        residual = eps.double() - design @ torch.linalg.lstsq(design, eps.double()).solution
+        covariance = residual.T @ residual / num_pairs
+        dim = eps.shape[-1]
+        row.update(
+            proposal_nll=float(-post.proposal(z).log_prob(eps).mean()),
+            prior_entropy=0.5 * dim * math.log(2 * math.pi * math.e),
+            linear_gaussian_nll=float(0.5 * torch.logdet(2 * math.pi * math.e * covariance)),
+            dead_relus=dead,
+        )
+    return row
+
+
+def diagnose(
+    *,
+    num_steps: int = 3000,
+    num_particles: int = 8,
+    k: int = 128,
+    proposal_lr: float | None = None,
+    mixing_dim: int | None = None,
+    check_every: int = 1000,
+    seed: int = 0,
+) -> list[dict]:
+    """One AISIVI fit with the recipe (overrides as given), printing accuracy on 10000 draws and
+    :func:`proposal_diagnostics` every ``check_every`` steps; returns the rows."""
+    wave = load_waveform()
+    rows: list[dict] = []
+
+    def check(guide, args, step, cpu, wall, loss):
+        import torch
+
+        with torch.no_grad():
+            draws = guide.get_posterior(*args).sample((10000,)).double().numpy()
+        row = {
+            "step": step,
+            "cpu_seconds": cpu,
+            "loss": loss,
+            **accuracy(draws, wave["nuts"]),
+            **proposal_diagnostics(guide, args),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        return False
+
+    optim = {"proposal_lr": proposal_lr} if proposal_lr else {}
+    guide_options = {"mixing_dim": mixing_dim} if mixing_dim else {}
+    fit_sivi(
+        "flow",
+        num_steps=num_steps,
+        num_particles=num_particles,
+        k=k,
+        seed=seed,
+        guide_options=guide_options,
+        optim_options=optim,
+        check_every=check_every,
+        check=check,
+    )
+    return rows
 
 
 def _streak_start(checkpoints: list[dict], hold: int) -> int | None:
@@ -384,37 +554,50 @@ def _streak_start(checkpoints: list[dict], hold: int) -> int | None:
 
 def _tta_markdown(result: dict) -> str:
     floor, optim = result["noise_floor"], result["optim"]
-    lines = [report.metadata_markdown(result["meta"]), "",
-             f"Recipe: AutoSIVI {result['guide_options']}; SIVI_ELBO k = {result['k']}, "
-             f"{result['num_particles']} particles; ClippedAdam lr {optim['learning_rate']:g} "
-             f"(flow proposal {optim['proposal_lr']:g}), both decayed exponentially to "
-             f"{optim['final_lr_factor']:g}x over {result['num_steps']} steps. Every check "
-             f"compares {result['num_draws']} guide draws with the 10000 NUTS draws; NUTS level "
-             "= max standardized mean error < 0.1 and every sd ratio in [0.9, 1.1], *reached* "
-             f"at the first check that meets it and the {result['hold']} checks after it do "
-             "too. CPU seconds count training only (this process); wall seconds are inflated "
-             "by other jobs on the 2 cores.", "",
-             f"Monte Carlo floor of a check ({floor['num_draws']} exact draws vs 10000 "
-             "independent ones, Gaussian with the NUTS moments): max standardized mean error "
-             f"median {floor['max_mean_error_median']:.3f} "
-             f"(95%: {floor['max_mean_error_p95']:.3f}), "
-             f"max |sd ratio - 1| median {floor['max_sd_deviation_median']:.3f} "
-             f"(95%: {floor['max_sd_deviation_p95']:.3f}).", ""]
+    lines = [
+        report.metadata_markdown(result["meta"]),
+        "",
+        f"Recipe: AutoSIVI {result['guide_options']}; SIVI_ELBO k = {result['k']}, "
+        f"{result['num_particles']} particles; ClippedAdam lr {optim['learning_rate']:g} "
+        f"(flow proposal {optim['proposal_lr']:g}), both decayed exponentially to "
+        f"{optim['final_lr_factor']:g}x over {result['num_steps']} steps. Every check "
+        f"compares {result['num_draws']} guide draws with the 10000 NUTS draws; NUTS level "
+        "= max standardized mean error < 0.1 and every sd ratio in [0.9, 1.1], *reached* "
+        f"at the first check that meets it and the {result['hold']} checks after it do "
+        "too. CPU seconds count training only (this process); wall seconds are inflated "
+        "by other jobs on the 2 cores.",
+        "",
+        f"Monte Carlo floor of a check ({floor['num_draws']} exact draws vs 10000 "
+        "independent ones, Gaussian with the NUTS moments): max standardized mean error "
+        f"median {floor['max_mean_error_median']:.3f} "
+        f"(95%: {floor['max_mean_error_p95']:.3f}), "
+        f"max |sd ratio - 1| median {floor['max_sd_deviation_median']:.3f} "
+        f"(95%: {floor['max_sd_deviation_p95']:.3f}).",
+        "",
+    ]
     for name, run in result["guides"].items():
         reached, last = run["reached"], run["checkpoints"][-1]
-        verdict = (f"reached at step {reached['step']}, {reached['cpu_seconds']:.0f} CPU s "
-                   f"({reached['wall_seconds']:.0f} wall s)" if reached else
-                   f"not reached in {last['step']} steps ({last['cpu_seconds']:.0f} CPU s)")
-        lines += [f"### {name}: **{verdict}**", "",
-                  "| step | CPU s | wall s | loss | max std. mean error (coord) | sd ratio min "
-                  "(coord)–max | # sd outside | NUTS level |", "|---|---|---|---|---|---|---|---|"]
+        verdict = (
+            f"reached at step {reached['step']}, {reached['cpu_seconds']:.0f} CPU s "
+            f"({reached['wall_seconds']:.0f} wall s)"
+            if reached
+            else f"not reached in {last['step']} steps ({last['cpu_seconds']:.0f} CPU s)"
+        )
+        lines += [
+            f"### {name}: **{verdict}**",
+            "",
+            "| step | CPU s | wall s | loss | max std. mean error (coord) | sd ratio min "
+            "(coord)–max | # sd outside | NUTS level |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for c in run["checkpoints"]:
             lines.append(
                 f"| {c['step']} | {c['cpu_seconds']:.0f} | {c['wall_seconds']:.0f} | "
                 f"{report.fmt(c['loss'], 5)} | {report.fmt(c['max_mean_error'])} "
                 f"({c['worst_mean']}) | {report.fmt(c['min_sd_ratio'])} ({c['worst_low_sd']})"
                 f"–{report.fmt(c['max_sd_ratio'])} | {c['num_sd_outside']} | "
-                f"{'yes' if c['nuts_level'] else 'no'} |")
+                f"{'yes' if c['nuts_level'] else 'no'} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -436,7 +619,20 @@ if __name__ == "__main__":
     parser.add_argument("--time-to-accuracy", action="store_true")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--max-cpu-seconds", type=float, default=math.inf)
+    parser.add_argument("--diagnose", action="store_true")
+    parser.add_argument("--mixing-dim", type=int, default=None)
     args = parser.parse_args()
+    if args.diagnose:
+        diagnose(
+            num_steps=args.steps or 3000,
+            num_particles=args.particles or 8,
+            k=args.k,
+            proposal_lr=args.proposal_lr,
+            mixing_dim=args.mixing_dim,
+            check_every=args.eval_every,
+            seed=(args.seeds or [0])[0],
+        )
+        raise SystemExit(0)
     if args.time_to_accuracy:
         result = time_to_accuracy(
             guides=args.guides or ("AISIVI", "BSIVI"), num_steps=args.steps or BUDGET.num_steps,
@@ -453,7 +649,14 @@ if __name__ == "__main__":
         ("num_steps", args.steps), ("num_particles", args.particles),
         ("learning_rate", args.lr), ("final_lr_factor", args.final_lr_factor),
         ("num_draws", args.draws)) if value is not None})  # fmt: skip
-    result = run(quick=args.quick, seeds=args.seeds, output_dir=args.output_dir,
-                 backend=args.backend, guides=args.guides, budget=budget, k=args.k,
-                 proposal_lr=args.proposal_lr)
+    result = run(
+        quick=args.quick,
+        seeds=args.seeds,
+        output_dir=args.output_dir,
+        backend=args.backend,
+        guides=args.guides,
+        budget=budget,
+        k=args.k,
+        proposal_lr=args.proposal_lr,
+    )
     print(json.dumps(result["summary"], indent=1, default=str))
