@@ -278,8 +278,9 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
            conditioners, see :func:`_expert_adam`), with ``log p`` from
            :func:`~numpyro_mixvi.guides.base.unconstrained_log_joint` (plates, factors,
            constrained sites and subsample scaling as in ``RBMixture_ELBO``). A non-finite
-           loss stops that expert with a ``RuntimeWarning`` (stage 2 down-weights it); if every
-           expert fails, ``FloatingPointError``.
+           loss stops that expert with a ``RuntimeWarning`` and it leaves the mixture (weight 0 in
+           stage 2: its last finite parameters are untrained); if every expert fails,
+           ``FloatingPointError``.
         2. Each ``"rbig"`` is fit to ``num_rbig_draws`` draws of the uniform mixture of the
            trained parametric experts, importance-weighted by ``p/q`` and systematically
            resampled. Resampling cannot create points the proposal never drew: **RBIG is capped
@@ -437,6 +438,9 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
                           f"{len(log_w)} draws); RBIG is fit to few distinct points",
                           RuntimeWarning, stacklevel=3)
         resampled = x[_systematic_resample(key_resample, weights, num_draws)]
+        if not bool((resampled != resampled[0]).any(0).all()):  # a coordinate with one value
+            warnings.warn(_RBIG_DEGENERATE, RuntimeWarning, stacklevel=3)
+            return
         options = self.expert_kwargs.get("rbig", {})
         for k, key in zip(slots, keys_fit, strict=True):
             self._rbig[k] = _fit_rbig_held_out(key, resampled, held, jax.nn.softmax(log_w_held),
@@ -450,9 +454,13 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
         params[f"{self.prefix}_weights"] = jnp.full((num,), 1.0 / num,
                                                     jnp.result_type(self._init_latent))
         experts = tuple(self.get_posterior(params).experts)
+        # An expert whose stage-1 loss went non-finite stopped at its last finite parameters:
+        # finite, but untrained and possibly wild in the tails. It gets weight 0.
+        trained = jnp.asarray([k in proposal or self.experts[k] == "rbig" for k in self._active()])
         if weight_update == "elbo":
             log_target, log_q, usable = _expert_draw_scores(rng_key, experts, self, params, args,
                                                             kwargs, batch_size)
+            usable = usable & trained
             if not bool(usable.any()):
                 raise FloatingPointError(
                     "stage 2: every expert has a non-finite draw, own log-density or log p at "
@@ -475,7 +483,8 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
                     "importance weights were non-finite on a batch); check the model and lower lr"
                 )
             bar.set_postfix(n_eff=f"{float(info.n_eff):.2f}", ess=f"{float(ess):.0f}")
-        return state.weights
+        weights = jnp.where(trained, state.weights, 0.0)
+        return weights / weights.sum()
 
     def _keep_members(self, params: dict, weights: Array) -> None:
         """Experts with weight exactly 0 (non-finite density) leave the mixture; ``pi`` is
@@ -693,6 +702,11 @@ def _systematic_resample(rng_key: Array, weights: Array, num: int) -> Array:
     u = (jax.random.uniform(rng_key, (), weights.dtype) + jnp.arange(num, dtype=weights.dtype))
     cdf = jnp.cumsum(weights)
     return jnp.minimum(jnp.searchsorted(cdf, u / num * cdf[-1]), len(weights) - 1)
+
+
+_RBIG_DEGENERATE = ("stage 1b: the importance-resampled draws repeat one value in some "
+                    "coordinate (degenerate weights p/q), so RBIG cannot be fit; it leaves the "
+                    "mixture (more stage-1 steps or num_rbig_draws help)")
 
 
 def _fit_rbig_held_out(rng_key: Array, train: Array, held: Array, held_weights: Array, *,

@@ -332,7 +332,8 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
            ``log p`` is the model's log joint in the unconstrained space
            (:func:`~pyro_mixvi.guides.base.unconstrained_log_joint`: plates, factors,
            constrained sites and subsample scaling as in ``RBMixture_ELBO``). A non-finite loss
-           stops that expert with a ``RuntimeWarning``; stage 2 then down-weights it.
+           stops that expert with a ``RuntimeWarning`` and it leaves the mixture (weight 0 in
+           stage 2: its last finite parameters are untrained).
         2. RBIG (if in ``experts``): ``num_rbig_draws`` draws from the uniform mixture ``q`` of
            the trained parametric experts, importance weights ``p/q``, systematic resampling,
            then RBIG layers on the resampled points, as many as raise the importance-weighted
@@ -454,7 +455,7 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
                 if not torch.isfinite(loss):
                     warnings.warn(
                         f"expert {k} ({name}): non-finite stage-1 loss at step {step}; it stops "
-                        "training and stage 2 down-weights it (lower lr if this recurs)",
+                        "training and leaves the mixture (lower lr if this recurs)",
                         RuntimeWarning, stacklevel=3,
                     )
                     break
@@ -508,6 +509,9 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
                 continue
             x, log_w = self._importance_draws(log_p, members, num_draws)
             resampled = x[_systematic_resample(log_w, num_draws)]
+            if not bool((resampled != resampled[0]).any(0).all()):  # a coordinate with one value
+                warnings.warn(_RBIG_DEGENERATE, RuntimeWarning, stacklevel=3)
+                continue
             held, held_log_w = self._importance_draws(log_p, members, max(num_draws // 2, 2))
             rbig = _fit_rbig_held_out(resampled, held, held_log_w, options, progress_bar)
             self.expert_modules[k] = rbig
@@ -515,14 +519,15 @@ class AutoFlowMixture(SampleSummariesOnly, AutoContinuous):
                 healthy[k] = bool(torch.isfinite(rbig().log_prob(resampled)).all())
             if not healthy[k]:
                 warnings.warn(f"expert {k} (rbig): non-finite log-density at its training "
-                              "draws; stage 2 down-weights it", RuntimeWarning, stacklevel=3)
+                              "draws; it leaves the mixture", RuntimeWarning, stacklevel=3)
 
     def _fit_weights(self, log_p, healthy, num_steps, batch_size, beta, weight_update,  # noqa: ANN001
                      progress_bar) -> Tensor:  # noqa: ANN001
         """Stage 2: weights over every expert (ELBO-optimal, or the EMA on importance batches)."""
         members = [k for k, ok in enumerate(healthy) if ok and self.experts[k] != "rbig"]
-        fitted = [k for k, name in enumerate(self.experts)
-                  if name != "rbig" or self.expert_modules[k].centers.shape[0] > 0]
+        # An expert whose stage-1 loss went non-finite stopped at its last finite parameters:
+        # finite, but untrained and possibly wild in the tails. It gets weight 0.
+        fitted = [k for k, ok in enumerate(healthy) if ok]
         if weight_update == "elbo":
             return self._fit_elbo_weights(log_p, fitted, batch_size, progress_bar)
         # A diverged expert's log-density is NaN, which ema_weights_step turns into weight 0;
@@ -661,6 +666,11 @@ def _fit_rbig_held_out(train: Tensor, held: Tensor, held_log_w: Tensor, options:
             if stalled >= options["patience"]:
                 break
     return RBIG.from_state(state._replace(layers=state.layers[:best_layers]))
+
+
+_RBIG_DEGENERATE = ("stage 1b: the importance-resampled draws repeat one value in some "
+                    "coordinate (degenerate weights p/q), so RBIG cannot be fit; it leaves the "
+                    "mixture (more stage-1 steps or num_rbig_draws help)")
 
 
 def _systematic_resample(log_weights: Tensor, num: int) -> Tensor:

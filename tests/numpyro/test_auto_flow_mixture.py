@@ -220,6 +220,36 @@ def test_stage2_broken_expert_gets_zero_weight(broken, weight_update, x64):
         assert float(weights[1]) < 1e-3
 
 
+@pytest.mark.parametrize("weight_update", ["elbo", "ema"])
+def test_expert_stopped_by_stage1_gets_zero_weight(weight_update):
+    """An expert missing from stage 1's healthy list (its loss went non-finite; it keeps its last
+    finite, untrained parameters) gets weight exactly 0. Before, ELBO weights gave it a small
+    positive weight, and on posteriordb gp_regr its draws reached sigma ~ 1e10."""
+    if False not in _BROKEN:
+        _BROKEN[False] = AutoFlowMixture(bimodal_model, experts=("maf", "realnvp"),
+                                         expert_kwargs=SMALL, init_scale=1.0)
+    guide = _BROKEN[False]
+    guide._dropped = set()
+    params = guide._initial_params(jax.random.PRNGKey(4), (), {})  # both finite, at init
+    weights = guide._fit_weights(jax.random.PRNGKey(5), [0], params, (), {}, 20, 128, 0.9,
+                                 weight_update, False)
+    assert weights.tolist() == [1.0, 0.0]
+
+
+def test_rbig_on_degenerate_importance_draws_is_left_out(monkeypatch):
+    """All resampled draws one point (ESS ~ 1, as on posteriordb kidiq): RBIG cannot be fit; it
+    is left out with a warning instead of a ValueError that discarded the whole fit."""
+    import numpyro_mixvi.guides.flow_mixture as module
+
+    guide, params, _ = fitted(False)
+    fitted_rbig = guide._rbig[1]
+    monkeypatch.setattr(module, "_systematic_resample",
+                        lambda key, weights, num: jnp.zeros(num, jnp.int32))
+    with pytest.warns(RuntimeWarning, match="RBIG cannot be fit"):
+        guide._fit_rbig(jax.random.PRNGKey(0), [0], params, (), {}, 64, False)
+    assert guide._rbig[1] is fitted_rbig  # not refit (in a fresh fit: absent, so not active)
+
+
 def test_elbo_weights_recover_the_mixing_proportions(x64):
     """Experts N(-4, 1) and N(4, 1), target 0.3 N(-4, 1) + 0.7 N(4, 1): log p - log q_pi is 0
     at pi = (0.3, 0.7) for every draw, and the overlap of the experts is ~e^-8, so the

@@ -212,6 +212,41 @@ def test_broken_expert_is_switched_off_by_each_weight_rule(weight_update):
     assert result.weights.tolist() == [1.0, 0.0] and guide.expert_mask.tolist() == [True, False]
 
 
+@pytest.mark.parametrize("weight_update", ["elbo", "ema"])
+def test_expert_stopped_by_stage1_leaves_the_mixture(monkeypatch, weight_update):
+    """An expert whose stage-1 loss went non-finite keeps its last finite parameters: finite
+    but untrained. It gets weight 0 (a small positive weight let the NumPyro twin draw sigma of
+    1e10 on posteriordb gp_regr). Here expert 1 trains normally and is then marked failed."""
+    pyro.set_rng_seed(3)
+    guide = make_guide()
+    guide()
+    fit_experts = guide._fit_experts
+
+    def expert_1_failed(*args, **kwargs):
+        losses, healthy = fit_experts(*args, **kwargs)
+        return losses, [ok and k != 1 for k, ok in enumerate(healthy)]
+
+    monkeypatch.setattr(guide, "_fit_experts", expert_1_failed)
+    result = guide.fit(**TINY_FIT, weight_update=weight_update)
+    assert result.weights.tolist() == [1.0, 0.0] and guide.expert_mask.tolist() == [True, False]
+
+
+def test_rbig_on_degenerate_importance_draws_leaves_the_mixture(monkeypatch):
+    """All resampled draws one point (ESS ~ 1, as on posteriordb kidiq): RBIG cannot be fit; it
+    is left out with a warning and the parametric experts' fit is kept."""
+    import pyro_mixvi.guides.flow_mixture as module
+
+    monkeypatch.setattr(module, "_systematic_resample",
+                        lambda log_w, num: log_w.new_zeros(num, dtype=torch.long))
+    pyro.set_rng_seed(3)
+    guide = make_guide(experts=("maf", "rbig"))
+    with pytest.warns(RuntimeWarning, match="RBIG cannot be fit"):
+        result = guide.fit(**TINY_FIT)
+    assert result.weights.tolist() == [1.0, 0.0] and guide.expert_mask.tolist() == [True, False]
+    with torch.no_grad():
+        assert bool(torch.isfinite(guide.get_posterior().log_prob(torch.zeros(3, 2))).all())
+
+
 def test_elbo_weights_recover_the_mixing_proportions(dtype):
     """Experts N(-4, 1) and N(4, 1), target 0.3 N(-4, 1) + 0.7 N(4, 1): log p - log q_pi is 0
     at pi = (0.3, 0.7) for every draw, and the overlap of the experts is ~e^-8, so the
