@@ -142,20 +142,43 @@ def test_autocwm_beats_the_gaussian_guides(name):
 # 0.190 +- 0.025 better, AutoCWM's ELBO -0.08 to -0.14 in every seed (the mixture's -0.28).
 # Before every classifier layer was slowed by WEIGHT_STEP_SCALE, 2 of 5 seeds ended at the
 # mixture's ELBO with the tanh layers saturated (see guides/cwm.py) and the gap was 0.088 +- 0.036.
-# eight_modes (same fix): K = 4, ELBO gap 0.115 +- 0.070 / 0.123 +- 0.074, sliced W2 worse by
-# 0.064 +- 0.053 / 0.043 +- 0.027. AutoCWM ends at log 1/2 (4 of 8 modes) in 8 of 10 fits, the
-# mixture at log 3/8 in 5 of 10; which modes are covered decides sliced W2. A diagonal affine
-# component cannot share its base mass between two modes 7.7 sd apart, so K < 8 caps both at
-# about K modes, while K = 8 puts the target inside the mixture's own family: there only mode
-# discovery differs (K = 8: AutoCWM 4-7 modes, mixture 4-5; ELBO gap 0.152 +- 0.143 /
-# 0.156 +- 0.066, under 3 se; sliced W2 0.074 +- 0.062 better / 0.041 +- 0.051 worse). We keep
-# K = 4, as on the other two targets.
+# eight_modes (same fix), this test's code, 5 seeds: K = 4, ELBO gap 0.115 +- 0.070 / 0.123 +-
+# 0.074, sliced W2 worse by 0.064 +- 0.053 / 0.043 +- 0.027; K = 8, ELBO 0.152 +- 0.143 / 0.156 +-
+# 0.066, sliced W2 0.074 +- 0.062 better / 0.041 +- 0.051 worse. Equal-budget setups tried for
+# the claim (NumPyro, float32, these guides and scores with init_scale / hidden_dims / steps
+# changed alike for both mixtures; 10 paired seeds 0-9 unless stated; gap = AutoCWM - mixture,
+# SW2 = sliced W2, mean +- se over seeds):
+#   K = 8, default, 15 seeds 0-14       ELBO +0.100 +- 0.047 (2.1 se)   SW2 worse 0.047 +- 0.021
+#   K = 8, 4000 steps                   ELBO +0.170 +- 0.062 (2.7 se)   SW2 worse 0.043 +- 0.032
+#   K = 8, hidden_dims (64, 64)         ELBO +0.202 +- 0.062 (3.3 se)   SW2 worse 0.060 +- 0.039
+#   K = 8, init_scale 0.6               ELBO -0.039 +- 0.025            SW2 worse 0.064 +- 0.022
+#   K = 8, init_scale 1.0               ELBO +0.007 +- 0.053            SW2 worse 0.058 +- 0.031
+#   K = 8, init_scale 3.0               ELBO -0.305 +- 0.175            SW2 worse 0.395 +- 0.097
+#   K = 4, 4000 steps                   ELBO +0.094 +- 0.048            SW2 worse 0.005 +- 0.021
+#   K = 4, hidden_dims (64, 64)         ELBO +0.027 +- 0.090            SW2 worse 0.082 +- 0.044
+#   K = 4, init_scale 1.0               ELBO +0.132 +- 0.062            SW2 better 0.017 +- 0.035
+#   K = 4, init_scale 3.0               ELBO -0.118 +- 0.133            SW2 worse 0.240 +- 0.074
+# No setup gives both; sliced W2 is never better by 3 se. Mechanism (modes = those holding > 2%
+# of 10000 draws): from the default start every component sits within 0.3 of the origin, 10 sd
+# from every mode, and leaves along its random offset; the mixture's components collide (4-6 of
+# 8 modes at K = 8; 8 random directions give 8 (1 - (7/8)^8) = 5.3 on average). The classifier
+# splits the base space between overlapping components, so AutoCWM reaches 4-7: its ELBO edge.
+# Sliced W2 rewards a different coverage: the mixture often ends on the four diagonal modes
+# (.x.x.x.x), the symmetric 4-set, 0.246; AutoCWM's 5-6 modes are asymmetric (adds to that set,
+# or contiguous arcs such as xxxx...x) and scored 0.20-0.59, below 0.246 in 1 of 26 fits; only
+# its 7-mode ends (5 of 35 fits at K = 8) score 0.21-0.24. A wider start (0.6, 1.0) lifts the
+# mixture to 6-8 modes and the ELBO edge is gone: with K = 8 the target is in the mixture's own
+# family, so whatever helps discovery helps both. With K = 4, AutoCWM went past K modes (one
+# component carving its base mass between two modes, ELBO -0.61 to -0.66 > log 1/2) in 3 of 30
+# fits from the default start; otherwise it stops at log 1/2, the mixture's best, and its ELBO
+# edge is only the mixture's collisions (log 3/8). Each row: the NumPyro module's fit_scores
+# at that setting, restricted to the two mixtures. We keep K = 4, as on the other two targets.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
     "banana",
     "x_shape",
     pytest.param("eight_modes", marks=pytest.mark.xfail(
-        reason="K=4 < 8 modes: both cover 3-4, sliced W2 not better; K=8 gap < 3 se",
+        reason="K=4: both stop near 4 of 8 modes; K=8: ELBO < 3 se, sliced W2 worse",
         strict=False)),
 ])
 def test_autocwm_beats_the_constant_weight_mixture(name):
