@@ -146,6 +146,8 @@ def test_autocwm_beats_the_gaussian_guides(name):
 #   K = 4, hidden_dims (64, 64)         ELBO +0.027 +- 0.090            SW2 worse 0.082 +- 0.044
 #   K = 4, init_scale 1.0               ELBO +0.132 +- 0.062            SW2 better 0.017 +- 0.035
 #   K = 4, init_scale 3.0               ELBO -0.118 +- 0.133            SW2 worse 0.240 +- 0.074
+#   Pyro (float64, seeds 0-4): K = 8, init_scale 1.0: ELBO -0.100 +- 0.096, SW2 worse 0.078 +-
+#   0.042; K = 8, (64, 64): ELBO +0.021 +- 0.207, SW2 better 0.080 +- 0.087 (one fit at 2 modes).
 # No setup gives both; sliced W2 is never better by 3 se. Mechanism (modes = those holding > 2%
 # of 10000 draws): from the default start every component sits within 0.3 of the origin, 10 sd
 # from every mode, and leaves along its random offset; the mixture's components collide (4-6 of
