@@ -3,6 +3,7 @@
 import math
 import pickle
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +14,11 @@ import pytest
 from jax import random
 from numpyro.infer import SVI, Predictive, Trace_ELBO, TraceGraph_ELBO
 
-from numpyro_mixvi.distributions.cwm import ClassifierWeightedMixture, init_classifier_params
+from numpyro_mixvi.distributions.cwm import (
+    ClassifierWeightedMixture,
+    init_classifier_params,
+    init_component_flows,
+)
 from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 from numpyro_mixvi.guides.cwm import AutoCWM
 from tests.properties import (
@@ -26,10 +31,13 @@ from tests.properties import (
 BOUNDS = (-7.0, 7.0, -7.0, 7.0)
 
 
-def random_cwm(covariance="diag", hidden_dims=(8, 8), num_components=4, dim=2, seed=0):
+def random_cwm(covariance="diag", hidden_dims=(8, 8), num_components=4, dim=2, seed=0, *,
+               max_scale=0.8, flow_layers=0, perturb=0.3):
     """A CWM with random parameters whose mass lies well inside ``BOUNDS`` in 2-D.
 
-    Locations in [-2, 2], scales in [0.3, 0.8] (|off-diagonal| <= 0.3): 7 is > 6 sd away.
+    Locations in [-2, 2], scales in [0.3, ``max_scale``] (|off-diagonal| <= 0.3): 7 is > 6 sd
+    away. With ``flow_layers > 0`` each component gets a flow whose zero arrays (output layers
+    and log-scale offsets) become N(0, perturb^2), so every coupling's log-scale is O(perturb).
     """
     rng = np.random.default_rng(seed)
     dtype = jnp.zeros(()).dtype  # float32, or float64 under x64
@@ -37,16 +45,26 @@ def random_cwm(covariance="diag", hidden_dims=(8, 8), num_components=4, dim=2, s
     k, d = num_components, dim
     locs = u(k, d, lo=-2, hi=2)
     if covariance == "diag":
-        scales = {"scale": u(k, d, lo=0.3, hi=0.8)}
+        scales = {"scale": u(k, d, lo=0.3, hi=max_scale)}
     else:
-        tril = jnp.tril(u(k, d, d, lo=-0.3, hi=0.3), -1) + jax.vmap(jnp.diag)(u(k, d, lo=0.3,
-                                                                                 hi=0.8))
+        tril = jnp.tril(u(k, d, d, lo=-0.3, hi=0.3), -1) + jax.vmap(jnp.diag)(
+            u(k, d, lo=0.3, hi=max_scale))
         scales = {"scale_tril": tril}
     layers = init_classifier_params(random.key(seed), d, k, hidden_dims, dtype)
     if layers:  # a non-trivial last layer, so the weights really depend on z
         layers[-1] = (u(*layers[-1][0].shape, lo=-2, hi=2), u(k, lo=-1, hi=1))
+    flows = None
+    if flow_layers:
+
+        def perturbed(a):
+            if eqx.is_inexact_array(a) and not a.any():
+                return jnp.asarray(perturb * rng.normal(size=a.shape), a.dtype)
+            return a
+
+        flows = jax.tree.map(
+            perturbed, init_component_flows(random.key(seed + 1), d, k, flow_layers, dtype))
     return ClassifierWeightedMixture(locs, logits=u(k, lo=-1, hi=1), classifier_params=layers,
-                                     **scales)
+                                     flows=flows, **scales)
 
 
 def numpy_log_prob(cwm):

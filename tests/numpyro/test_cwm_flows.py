@@ -3,7 +3,6 @@
 import math
 import pickle
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,12 +15,12 @@ from numpyro.infer import SVI
 
 from numpyro_mixvi.distributions.cwm import (
     ClassifierWeightedMixture,
-    init_classifier_params,
     init_component_flows,
 )
 from numpyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 from numpyro_mixvi.guides.cwm import AutoCWM
 from numpyro_mixvi.targets import TwoMoons
+from tests.numpyro.test_cwm import random_cwm
 from tests.properties import assert_normalized_2d, assert_samples_match_density_2d
 
 BOUNDS = (-7.0, 7.0, -7.0, 7.0)
@@ -33,35 +32,10 @@ def float_dtype():
 
 def random_flow_cwm(covariance="diag", *, flow_layers=2, num_components=3, dim=2, seed=0,
                     perturb=0.3):
-    """A CWM with random affine parts, classifier and (non-identity) flows inside ``BOUNDS``.
-
-    Locations in [-2, 2], scales in [0.3, 0.7]; the flows' zero arrays (output layers and
-    log-scale offsets) become N(0, perturb^2), so each coupling's log-scale is O(perturb) and
-    the mass stays > 6 sd inside 7.
-    """
-    rng = np.random.default_rng(seed)
-    dtype = float_dtype()
-    u = lambda *shape, lo, hi: jnp.asarray(rng.uniform(lo, hi, shape), dtype)  # noqa: E731
-    k, d = num_components, dim
-    locs = u(k, d, lo=-2, hi=2)
-    if covariance == "diag":
-        scales = {"scale": u(k, d, lo=0.3, hi=0.7)}
-    else:
-        tril = jnp.tril(u(k, d, d, lo=-0.3, hi=0.3), -1) + jax.vmap(jnp.diag)(u(k, d, lo=0.3,
-                                                                                 hi=0.7))
-        scales = {"scale_tril": tril}
-    layers = init_classifier_params(random.key(seed), d, k, (8,), dtype)
-    layers[-1] = (u(*layers[-1][0].shape, lo=-2, hi=2), u(k, lo=-1, hi=1))
-    flows = init_component_flows(random.key(seed + 1), d, k, flow_layers, dtype)
-
-    def perturbed(a):
-        if eqx.is_inexact_array(a) and not a.any():
-            return jnp.asarray(perturb * rng.normal(size=a.shape), a.dtype)
-        return a
-
-    flows = jax.tree.map(perturbed, flows)
-    return ClassifierWeightedMixture(locs, logits=u(k, lo=-1, hi=1), classifier_params=layers,
-                                     flows=flows, **scales)
+    """:func:`tests.numpyro.test_cwm.random_cwm` with (non-identity) flows, scales in
+    [0.3, 0.7]."""
+    return random_cwm(covariance, (8,), num_components, dim, seed, max_scale=0.7,
+                      flow_layers=flow_layers, perturb=perturb)
 
 
 def affine_twin(cwm):

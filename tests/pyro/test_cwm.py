@@ -10,7 +10,11 @@ import torch
 from pyro.infer import SVI, Predictive, Trace_ELBO, TraceGraph_ELBO
 from pyro.optim import Adam
 
-from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture, init_classifier_params
+from pyro_mixvi.distributions.cwm import (
+    ClassifierWeightedMixture,
+    init_classifier_params,
+    init_component_flows,
+)
 from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 from pyro_mixvi.guides.cwm import AutoCWM
 from tests.properties import (
@@ -23,10 +27,13 @@ from tests.properties import (
 BOUNDS = (-7.0, 7.0, -7.0, 7.0)
 
 
-def random_cwm(covariance="diag", hidden_dims=(8, 8), num_components=4, dim=2, seed=0):
+def random_cwm(covariance="diag", hidden_dims=(8, 8), num_components=4, dim=2, seed=0, *,
+               max_scale=0.8, flow_layers=0, perturb=0.3):
     """A CWM with random parameters whose mass lies well inside ``BOUNDS`` in 2-D.
 
-    Locations in [-2, 2], scales in [0.3, 0.8] (|off-diagonal| <= 0.3): 7 is > 6 sd away.
+    Locations in [-2, 2], scales in [0.3, ``max_scale``] (|off-diagonal| <= 0.3): 7 is > 6 sd
+    away. With ``flow_layers > 0`` each component gets a flow whose zeroed output layers are
+    N(0, perturb^2), so every coupling's log-scale is O(perturb) (a non-identity map).
     """
     g = torch.Generator().manual_seed(seed)
     dtype = torch.get_default_dtype()
@@ -37,16 +44,23 @@ def random_cwm(covariance="diag", hidden_dims=(8, 8), num_components=4, dim=2, s
     k, d = num_components, dim
     locs = u(k, d, lo=-2, hi=2)
     if covariance == "diag":
-        scales = {"scale": u(k, d, lo=0.3, hi=0.8)}
+        scales = {"scale": u(k, d, lo=0.3, hi=max_scale)}
     else:
-        tril = u(k, d, d, lo=-0.3, hi=0.3).tril(-1) + torch.diag_embed(u(k, d, lo=0.3, hi=0.8))
+        tril = (u(k, d, d, lo=-0.3, hi=0.3).tril(-1)
+                + torch.diag_embed(u(k, d, lo=0.3, hi=max_scale)))
         scales = {"scale_tril": tril}
     torch.manual_seed(seed)
     layers = init_classifier_params(d, k, hidden_dims, locs)
     if layers:  # a non-trivial last layer, so the weights really depend on z
         layers[-1] = (u(*layers[-1][0].shape, lo=-2, hi=2), u(k, lo=-1, hi=1))
+    flows = init_component_flows(d, k, flow_layers, locs) if flow_layers else None
+    if flows is not None:
+        with torch.no_grad():
+            for p in flows.parameters():
+                if (p == 0).all():  # the zeroed output layers
+                    p.copy_(perturb * torch.randn(p.shape, generator=g, dtype=torch.float64))
     return ClassifierWeightedMixture(locs, logits=u(k, lo=-1, hi=1), classifier_params=layers,
-                                     **scales)
+                                     flows=flows, **scales)
 
 
 def numpy_log_prob(cwm):

@@ -9,49 +9,21 @@ import torch
 from pyro.infer import SVI
 from pyro.optim import Adam
 
-from pyro_mixvi.distributions.cwm import (
-    ClassifierWeightedMixture,
-    init_classifier_params,
-    init_component_flows,
-)
+from pyro_mixvi.distributions.cwm import ClassifierWeightedMixture, init_component_flows
 from pyro_mixvi.elbos.rb_mixture import RBMixture_ELBO
 from pyro_mixvi.guides.cwm import AutoCWM
 from pyro_mixvi.targets import TwoMoons
 from tests.properties import assert_normalized_2d, assert_samples_match_density_2d
+from tests.pyro.test_cwm import random_cwm
 
 BOUNDS = (-7.0, 7.0, -7.0, 7.0)
 
 
 def random_flow_cwm(covariance="diag", *, flow_layers=2, num_components=3, dim=2, seed=0,
                     perturb=0.3):
-    """A CWM with random affine parts, classifier and (non-identity) flows inside ``BOUNDS``.
-
-    Locations in [-2, 2], scales in [0.3, 0.7]; the flows' output layers are N(0, perturb^2),
-    so each coupling's log-scale is O(perturb) and the mass stays > 6 sd inside 7.
-    """
-    g = torch.Generator().manual_seed(seed)
-    dtype = torch.get_default_dtype()
-
-    def u(*shape, lo, hi):
-        return (lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=torch.float64)).to(dtype)
-
-    k, d = num_components, dim
-    locs = u(k, d, lo=-2, hi=2)
-    if covariance == "diag":
-        scales = {"scale": u(k, d, lo=0.3, hi=0.7)}
-    else:
-        tril = u(k, d, d, lo=-0.3, hi=0.3).tril(-1) + torch.diag_embed(u(k, d, lo=0.3, hi=0.7))
-        scales = {"scale_tril": tril}
-    torch.manual_seed(seed)
-    layers = init_classifier_params(d, k, (8,), locs)
-    layers[-1] = (u(*layers[-1][0].shape, lo=-2, hi=2), u(k, lo=-1, hi=1))
-    flows = init_component_flows(d, k, flow_layers, locs)
-    with torch.no_grad():
-        for p in flows.parameters():
-            if (p == 0).all():  # the zeroed output layers: make every F_k a non-identity map
-                p.copy_(perturb * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    return ClassifierWeightedMixture(locs, logits=u(k, lo=-1, hi=1), classifier_params=layers,
-                                     flows=flows, **scales)
+    """:func:`tests.pyro.test_cwm.random_cwm` with (non-identity) flows, scales in [0.3, 0.7]."""
+    return random_cwm(covariance, (8,), num_components, dim, seed, max_scale=0.7,
+                      flow_layers=flow_layers, perturb=perturb)
 
 
 def numpy_log_prob(cwm):
