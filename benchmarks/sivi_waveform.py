@@ -222,6 +222,8 @@ RECIPE_GUIDE = {
 #: died within 300 steps at 1e-2 and it stayed the prior; since then 1e-2 fits as well as 1e-3.)
 RECIPE_OPTIM = {"learning_rate": 1e-2, "proposal_lr": 1e-3, "final_lr_factor": 1e-2,
                 "clip_norm": 100.0}  # fmt: skip
+#: Command-line flags whose names differ from the optimizer keywords they set.
+_FLAGS = {"learning_rate": "lr"}
 NUTS_LEVEL = {"max_mean_error": 0.1, "min_sd_ratio": 0.9, "max_sd_ratio": 1.1}
 
 
@@ -403,7 +405,8 @@ def time_to_accuracy(
         "python -m benchmarks.sivi_waveform --time-to-accuracy "
         f"--guides {' '.join(guides)} --steps {num_steps} --particles {num_particles} "
         f"--k {k} --seeds {seed}"
-        + "".join(f" --{key.replace('_', '-')} {value:g}" for key, value in overrides.items())
+        + "".join(f" --{_FLAGS.get(key, key.replace('_', '-'))} {value:g}"
+                  for key, value in overrides.items())
     )
     result = {"meta": meta, "guide_options": RECIPE_GUIDE, "optim": optim, "k": k,
               "num_particles": num_particles, "num_steps": num_steps, "seed": seed,
